@@ -1,0 +1,114 @@
+"""The result of one run: a single typed object that ``--json`` prints and a registry persists."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class GroupMetrics(_Model):
+    """Metrics of a group of test states: overall, a layer, a position or a (layer, position) cell.
+
+    ``n`` counts states, ``problems`` the distinct problems behind them; ``ci`` holds 95% bootstrap
+    intervals (problems resampled). ``prior_top1`` and ``identity_top1`` are the baselines on the same
+    states, and ``lift_*`` the lens's top-1 minus theirs.
+    """
+
+    layer: int | None = None
+    position: int | None = None
+    n: int
+    problems: int
+    loss: float | None
+    top1: float | None
+    top5: float | None
+    top10: float | None
+    ci: dict[str, tuple[float, float] | None]
+    prior_top1: float | None = None
+    identity_top1: float | None = None
+    lift_prior: float | None = None
+    lift_identity: float | None = None
+
+
+class BaselineResult(_Model):
+    overall: GroupMetrics
+    by_layer: list[GroupMetrics]
+    by_position: list[GroupMetrics]
+    by_cell: list[GroupMetrics]
+
+
+class EpochMetrics(_Model):
+    epoch: int
+    train_loss: float
+    val_loss: float
+    val_top1: float
+    val_top5: float
+    val_top10: float
+    seconds: float
+
+
+class SampleToken(_Model):
+    id: int
+    token: str
+    prob: float | None = None
+
+
+class Sample(_Model):
+    """One decoded test prediction, as the reference's "Sample Predictions Analysis" shows them."""
+
+    problem_id: str
+    layer: int
+    position: int
+    steps: list[str]
+    slice_tokens: list[str]
+    targets: list[SampleToken]
+    predictions: list[SampleToken]
+    correct: bool
+    in_top5: bool
+
+
+class DataSummary(_Model):
+    """What the aligned dataset holds: problems and samples per split, empty slices per position."""
+
+    problems: dict[str, int]
+    samples: dict[str, int]
+    states: dict[str, int]
+    layers: list[int]
+    positions: list[int]
+    empty: dict[str, list[int]] = Field(description="per position: empty slices, skipped, filled (nearest)")
+    test_problem_ids: list[str]
+
+
+class StoreInfo(_Model):
+    path: str | None
+    content_hash: str
+    model: str
+    tokenizer: str
+
+
+class RunResult(_Model):
+    """Everything a run computed. ``config`` is the resolved experiment configuration."""
+
+    run_id: str
+    name: str
+    created: str
+    config: dict[str, Any]
+    config_hash: str
+    store: StoreInfo
+    device: str
+    seconds: float
+    data: DataSummary
+    lens_parameters: int
+    epochs: list[EpochMetrics]
+    best_epoch: int | None
+    stopped_early: bool
+    overall: GroupMetrics
+    by_layer: list[GroupMetrics]
+    by_position: list[GroupMetrics]
+    by_cell: list[GroupMetrics]
+    baselines: dict[str, BaselineResult]
+    samples: list[Sample]

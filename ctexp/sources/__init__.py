@@ -1,0 +1,1 @@
+"""Problem sources: readers that turn dataset files into :class:`ctexp.problems.Problem` records."""

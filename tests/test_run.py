@@ -1,0 +1,245 @@
+"""`ctexp run` through the CLI: every option, the JSON contract, bad input, and the planted science."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from ctexp.sources.world import position_signal, rotated_positions
+from tests.conftest import SMALL_WORLD
+
+STATES = 3  # SMALL_WORLD: 2 layers -> hidden states 0..2
+HIDDEN = 16
+
+
+def test_json_contract_and_run_directory(cli):
+    out = cli.json("run", *SMALL_WORLD, "--name", "contract")
+    for key in ("run_id", "config", "overall", "by_layer", "by_position", "by_cell", "baselines", "epochs"):
+        assert key in out
+    assert out["name"] == "contract"
+    assert [row["layer"] for row in out["by_layer"]] == [0, 1, 2]
+    assert [row["position"] for row in out["by_position"]] == list(range(6))
+    assert len(out["by_cell"]) == STATES * 6
+    for row in out["by_layer"] + out["by_position"]:
+        assert {"n", "top1", "top5", "top10", "loss", "ci"} <= set(row)
+        low, high = row["ci"]["top1"]
+        assert low <= row["top1"] <= high
+        assert row["top1"] <= row["top5"] <= row["top10"]
+    for name in ("prior", "identity"):
+        assert {"overall", "by_position"} <= set(out["baselines"][name])
+        assert out["overall"][f"{name}_top1"] == out["baselines"][name]["overall"]["top1"]
+    assert 1 <= len(out["epochs"]) <= 2
+    assert {"train_loss", "val_loss", "val_top1", "val_top5", "val_top10", "seconds"} <= set(out["epochs"][0])
+    # Splits are by problem: no test problem was trained on.
+    assert sum(out["data"]["problems"].values()) == 120
+    run_dir = cli.home / "runs" / out["run_id"]
+    assert json.loads((run_dir / "result.json").read_text()) == out
+    assert json.loads((run_dir / "config.json").read_text()) == out["config"]
+    predictions = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == out["data"]["states"]["test"]
+    assert np.mean([row["hit1"] for row in predictions]) == pytest.approx(out["overall"]["top1"])
+    weights = load_file(run_dir / "lens.safetensors")
+    assert weights["weight"].shape == (STATES, HIDDEN, HIDDEN)
+    assert json.loads((run_dir / "lens.json").read_text())["layers"] == [0, 1, 2]
+
+
+def test_tables_in_the_shape_of_the_reference(cli):
+    output = cli("run", *SMALL_WORLD).stdout
+    for title in ("Training progress", "Test overall", "Performance by layer", "Performance by position",
+                  "by layer (rows) x position", "Sample predictions", "Prior top-1", "Identity top-1"):
+        assert title in output
+
+
+@pytest.mark.parametrize(
+    ("lens", "parameters"),
+    [
+        ("identity", 0),
+        ("layer", STATES * (HIDDEN * HIDDEN + HIDDEN)),
+        ("layer-position", STATES * 6 * (HIDDEN * HIDDEN + HIDDEN)),
+        ("position", 6 * (HIDDEN * HIDDEN + HIDDEN)),
+        ("global", HIDDEN * HIDDEN + HIDDEN),
+    ],
+)
+def test_every_lens_kind(cli, lens, parameters):
+    out = cli.json("run", *SMALL_WORLD, "--lens", lens)
+    assert out["lens_parameters"] == parameters
+    assert out["config"]["lens"] == lens
+    if lens == "identity":
+        assert out["epochs"] == []
+        assert out["overall"]["top1"] == out["baselines"]["identity"]["overall"]["top1"]
+    else:
+        assert out["epochs"]
+
+
+@pytest.mark.parametrize(
+    ("lens", "adapter", "extra"),
+    [("layer", "bias", 6 * HIDDEN), ("global", "lowrank", 2 * 6 * HIDDEN * 2)],
+)
+def test_position_adapters(cli, lens, adapter, extra):
+    base = cli.json("run", *SMALL_WORLD, "--lens", lens)["lens_parameters"]
+    out = cli.json("run", *SMALL_WORLD, "--lens", lens, "--adapter", adapter, "--adapter-rank", "2")
+    assert out["lens_parameters"] == base + extra
+
+
+def test_adapter_needs_a_shared_lens(cli):
+    cli("run", *SMALL_WORLD, "--lens", "layer-position", "--adapter", "bias", code=2)
+    assert cli.run_dirs() == []
+
+
+def test_weighted_split_and_empty_policies(cli):
+    skipped = cli.json("run", *SMALL_WORLD, "--split", "weighted:0,1,1,1,1,1")
+    assert skipped["config"]["split"] == "weighted:0,1,1,1,1,1"
+    assert skipped["data"]["empty"]["empty"][0] == 120  # position 0 never gets a token
+    assert skipped["data"]["empty"]["skipped"][0] == 120
+    assert skipped["by_position"][0]["n"] == 0 and skipped["by_position"][0]["top1"] is None
+    filled = cli.json("run", *SMALL_WORLD, "--split", "weighted:0,1,1,1,1,1", "--empty", "nearest")
+    assert filled["data"]["empty"]["filled"][0] == 120
+    assert filled["by_position"][0]["n"] == filled["by_position"][1]["n"]
+
+
+@pytest.mark.parametrize("target", ["first", "middle", "last", "informative", "all"])
+def test_every_target_rule(cli, target):
+    out = cli.json("run", *SMALL_WORLD, "--target", target)
+    assert out["config"]["target"] == target
+    predictions = (cli.home / "runs" / out["run_id"] / "predictions.jsonl").read_text().splitlines()
+    widths = {len(json.loads(line)["targets"]) for line in predictions}
+    assert (max(widths) > 1) == (target == "all")
+
+
+def test_layer_and_position_selection(cli):
+    out = cli.json("run", *SMALL_WORLD, "--layers", "0,2", "--positions", "2-3")
+    assert [row["layer"] for row in out["by_layer"]] == [0, 2]
+    assert [row["position"] for row in out["by_position"]] == [2, 3]
+    assert {(c["layer"], c["position"]) for c in out["by_cell"]} == {(0, 2), (0, 3), (2, 2), (2, 3)}
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--layers", ""), ("--layers", "7"), ("--layers", "3-1"), ("--positions", "6"), ("--positions", "x")],
+)
+def test_bad_selection(cli, flag, value):
+    cli("run", *SMALL_WORLD, flag, value, code=2)
+    assert cli.run_dirs() == []
+
+
+def test_seed_makes_runs_reproducible(cli):
+    first = cli.json("run", *SMALL_WORLD, "--seed", "3")
+    second = cli.json("run", *SMALL_WORLD, "--seed", "3")
+    other = cli.json("run", *SMALL_WORLD, "--seed", "4")
+    for key in ("overall", "by_cell", "epochs"):
+        strip = (lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]) if key == "epochs" else None
+        a, b = first[key], second[key]
+        assert (strip(a) == strip(b)) if strip else (a == b)
+    assert first["data"]["test_problem_ids"] != other["data"]["test_problem_ids"]
+
+
+def test_training_flags_reach_the_config(cli):
+    out = cli.json(
+        "run", *SMALL_WORLD, "--lr", "0.01", "--weight-decay", "0", "--batch-size", "64", "--epochs", "3",
+        "--patience", "1", "--clip", "0.5", "--device", "cpu", "--val-fraction", "0.2", "--test-fraction", "0.3",
+    )
+    assert out["config"]["train"] == {"lr": 0.01, "weight_decay": 0.0, "batch_size": 64, "epochs": 3, "patience": 1,
+                                      "clip": 0.5}
+    assert out["device"] == "cpu"
+    assert out["data"]["problems"] == {"train": 60, "val": 24, "test": 36}
+    assert len(out["epochs"]) <= 3
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--lr", "0"), ("--batch-size", "0"), ("--epochs", "0"), ("--patience", "0"), ("--clip", "-1"),
+     ("--weight-decay", "-1"), ("--test-fraction", "0.9"), ("--lens", "nope"), ("--target", "nope"),
+     ("--empty", "nope"), ("--split", "nope"), ("--split", "weighted:1,2,3"), ("--split", "weighted:1,1,-1,1,1,1"),
+     ("--split", "weighted:0,0,0,0,0,0"), ("--split", "weighted:a,b"), ("--device", "tpu"), ("--world-problems", "3")],
+)
+def test_bad_values_are_one_line_and_write_nothing(cli, flag, value):
+    cli("run", *SMALL_WORLD, flag, value, code=2)
+    assert cli.run_dirs() == []
+
+
+def test_cuda_without_a_gpu_is_refused(cli):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    cli("run", *SMALL_WORLD, "--device", "cuda", code=7)
+    assert cli.run_dirs() == []
+
+
+def test_subset_needs_correctness_labels(cli):
+    cli("run", *SMALL_WORLD, "--subset", "correct", code=2)
+
+
+def test_config_file_with_flag_overrides(cli, tmp_path: Path):
+    config = tmp_path / "exp.toml"
+    config.write_text(
+        'name = "from-file"\nlens = "position"\ntarget = "last"\n\n[train]\nlr = 0.005\nepochs = 2\n\n'
+        "[world]\nproblems = 120\nlayers = 2\nhidden = 16\n"
+    )
+    out = cli.json("run", "--config", str(config), "--target", "middle")
+    assert (out["name"], out["config"]["lens"], out["config"]["target"]) == ("from-file", "position", "middle")
+    assert out["config"]["train"]["lr"] == 0.005
+
+
+def test_dry_run_prints_config_and_stable_hash(cli, tmp_path: Path):
+    first = json.loads(cli("run", "--dry-run", "--name", "a").stdout)
+    renamed = json.loads(cli("run", "--dry-run", "--name", "b", "--device", "cpu").stdout)
+    changed = json.loads(cli("run", "--dry-run", "--lr", "0.01").stdout)
+    assert first["config_hash"] == renamed["config_hash"] != changed["config_hash"]
+    assert first["config"]["train"]["lr"] == 0.001
+    assert cli.run_dirs() == []
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [("lense = 'layer'\n", "lense"), ("[train]\nlearning_rate = 1\n", "learning_rate"), ("lens = \n", "TOML"),
+     ("lens = 'nope'\n", "lens")],
+)
+def test_bad_config_files(cli, tmp_path: Path, text, needle):
+    config = tmp_path / "bad.toml"
+    config.write_text(text)
+    result = cli("run", "--config", str(config), code=2)
+    assert needle in result.stderr
+
+
+def test_missing_config_file(cli, tmp_path: Path):
+    assert "not found" in cli("run", "--config", str(tmp_path / "none.toml"), code=2).stderr
+
+
+# --- the planted truth of the default world (full-size runs, shared across tests) ---
+
+
+def test_trained_lens_beats_both_baselines(default_runs):
+    out = default_runs("layer")
+    overall = out["overall"]
+    assert overall["ci"]["top1"][0] > overall["prior_top1"]
+    assert overall["ci"]["top1"][0] > overall["identity_top1"]
+
+
+def test_layer_position_lens_undoes_position_rotations(default_runs):
+    layer = {row["position"]: row for row in default_runs("layer")["by_position"]}
+    cell = {row["position"]: row for row in default_runs("layer-position")["by_position"]}
+    for position in rotated_positions(6):
+        assert cell[position]["top1"] > layer[position]["top1"] + 0.05, position
+        assert cell[position]["ci"]["top1"][0] > layer[position]["top1"]
+
+
+def test_planted_position_profile_shows(default_runs):
+    observed = [row["top1"] for row in default_runs("layer-position")["by_position"]]
+    planted = position_signal(6)
+    assert int(np.argmin(observed)) == int(np.argmin(planted))
+    ranks = lambda values: np.argsort(np.argsort(values))  # noqa: E731
+    rho = np.corrcoef(ranks(observed), ranks(planted))[0, 1]
+    assert rho >= 0.6, (observed, planted)
+
+
+def test_identity_lens_is_the_logit_lens_baseline(default_runs):
+    out = default_runs("identity")
+    assert out["overall"]["top1"] == out["baselines"]["identity"]["overall"]["top1"]
+    # The planted per-layer distortion hurts the logit lens at early layers.
+    by_layer = [row["top1"] for row in out["by_layer"]]
+    assert by_layer[-1] > by_layer[0] + 0.1
