@@ -54,9 +54,10 @@ class CtexpGroup(TyperGroup):
                 raise
             typer.echo(f"Error: {error}", err=True)
             code = error.exit_code
-        except (KeyboardInterrupt, typer.Abort):
-            typer.echo("Error: interrupted", err=True)
-            code = 130
+        except (KeyboardInterrupt, typer.Abort) as stop:
+            terminated = type(stop).__name__ == "Terminated"  # SIGTERM, see registry.recorder
+            typer.echo(f"Error: {'terminated' if terminated else 'interrupted'}", err=True)
+            code = 143 if terminated else 130
         except Exception as error:  # a bug: still one line, unless --debug
             if debug:
                 raise
@@ -134,7 +135,9 @@ def run(
     world_layers: Annotated[int | None, typer.Option(help="Embedded world: transformer layers [8].")] = None,
     world_hidden: Annotated[int | None, typer.Option(help="Embedded world: hidden size [64].")] = None,
     world_noise: Annotated[float | None, typer.Option(help="Embedded world: noise scale [1.0].")] = None,
-    home: Annotated[Path | None, typer.Option(help="ctexp home for run directories [$CTEXP_HOME or ./mlruns].")] = None,
+    home: Annotated[Path | None, typer.Option(help="ctexp home: runs, results database, MLflow store [$CTEXP_HOME or ./mlruns].")] = None,
+    db_url: Annotated[str | None, typer.Option(help="Results database URL [$CTEXP_DB_URL or HOME/ctexp.db].")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI [$MLFLOW_TRACKING_URI or HOME/mlflow.db].")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and stop.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
@@ -155,11 +158,14 @@ def run(
     if dry_run:
         _dump({"config": config.model_dump(mode="json"), "config_hash": config.config_hash()})
         return
-    from ctexp.experiment import plan_run, run_experiment
+    from ctexp.experiment import plan_run
+    from ctexp.registry.locations import Locations
+    from ctexp.registry.recorder import Recorder
     from ctexp.render import run_tables
 
+    locations = Locations.resolve(home, db_url, tracking_uri)
     plan = plan_run(config)  # bad input fails here, before any output
-    with Progress(
+    with Recorder(locations) as recorder, Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
         TimeElapsedColumn(), console=_stderr(), transient=as_json,
     ) as progress:
@@ -169,7 +175,7 @@ def run(
             status = f"val loss {record.val_loss:.3f}  top-1 {100 * record.val_top1:.1f}%"
             progress.update(task, advance=1, status=status)
 
-        result = run_experiment(config, home=home, on_epoch=on_epoch, plan=plan)
+        result = recorder.run(config, plan=plan, on_epoch=on_epoch)
         progress.update(task, total=len(result.epochs) or 1, completed=len(result.epochs) or 1)
     if as_json:
         typer.echo(result.model_dump_json(indent=2))
@@ -177,7 +183,10 @@ def run(
     console = _stdout()
     for table in run_tables(result):
         console.print(table)
-    console.print(f"run {result.run_id} ({result.name}) finished in {result.seconds:.1f}s on {result.device}")
+    console.print(
+        f"run {result.run_id} ({result.name}) finished in {result.seconds:.1f}s on {result.device}; "
+        f"recorded in {locations.home} (ctexp show {result.run_id[:8]}, ctexp ui)"
+    )
 
 
 @app.command()
@@ -253,6 +262,15 @@ def align(
     _stdout().print(alignment_table(view.problems, view.tokenizer))
 
 
+from ctexp.commands_registry import register as _register_registry  # noqa: E402
+
+_register_registry(app)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
+
+
+if __name__ == "__main__":
+    main()

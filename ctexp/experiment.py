@@ -22,6 +22,7 @@ import torch
 from ctexp.config import DeviceChoice, ExperimentConfig, LensKind
 from ctexp.dataset import AlignedDataset, build_dataset
 from ctexp.errors import DeviceError, StoreError
+from ctexp.home import default_home
 from ctexp.evaluate import StateScores, breakdown, pick_samples, prediction_rows, prior_scores
 from ctexp.lens import Head, Lens
 from ctexp.result import BaselineResult, DataSummary, EpochMetrics, GroupMetrics, RunResult, StoreInfo
@@ -29,11 +30,6 @@ from ctexp.sources.world import build_world
 from ctexp.store import Store, apply_umask, load_store
 from ctexp.tokenizers import Tokenizer, load_tokenizer
 from ctexp.train import SplitTensors, evaluate_split, train_lens
-
-
-def default_home() -> Path:
-    """``$CTEXP_HOME`` or ``./mlruns``: where runs, and later the registry, live."""
-    return Path(os.environ.get("CTEXP_HOME", "mlruns"))
 
 
 def resolve_device(choice: DeviceChoice) -> torch.device:
@@ -129,7 +125,7 @@ def run_experiment(
     run_id = run_id or uuid.uuid4().hex
     result = RunResult(
         run_id=run_id,
-        name=config.name or f"{config.lens.value}-{config.target.value}-{run_id[:6]}",
+        name=run_name(config, run_id),
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         config=config.model_dump(mode="json"),
         config_hash=config.config_hash(),
@@ -156,6 +152,11 @@ def run_experiment(
     result = result.model_copy(update={"seconds": round(time.perf_counter() - started, 3)})
     write_run_dir(result, lens, dataset, lens_table, home or default_home())
     return result
+
+
+def run_name(config: ExperimentConfig, run_id: str) -> str:
+    """The configured name, or ``<lens>-<target>-<id prefix>``."""
+    return config.name or f"{config.lens.value}-{config.target.value}-{run_id[:6]}"
 
 
 def _tensors(store: Store, dataset: AlignedDataset, split: str, device: torch.device) -> SplitTensors:

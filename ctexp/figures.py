@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from ctexp.result import GroupMetrics, RunResult
 
@@ -52,7 +53,7 @@ def layer_position_heatmap(result: RunResult) -> Figure:
     axes.set_yticks(range(len(layers)), [str(layer) for layer in layers])
     axes.set_xlabel("position")
     axes.set_ylabel("layer")
-    axes.set_title(f"Test top-1 by layer and position ({_lens(result)})")
+    axes.set_title(f"Test top-1 by layer and position, {_lens(result)} lens")
     figure.colorbar(image, ax=axes, label="top-1")
     figure.tight_layout()
     return figure
@@ -82,7 +83,7 @@ def position_bars(result: RunResult) -> Figure:
     axes.set_ylabel("test top-1")
     highs = [v for v in (*tops, *_highs(rows)) if not math.isnan(v)]
     axes.set_ylim(0.0, min(1.0, max(highs, default=0.0) * 1.15 + 0.05))
-    axes.set_title(f"Test top-1 by position ({_lens(result)})")
+    axes.set_title(f"Test top-1 by position, {_lens(result)} lens")
     axes.legend(fontsize=8, loc="upper left")
     figure.tight_layout()
     return figure
@@ -114,11 +115,12 @@ def training_curves(result: RunResult) -> Figure:
     for axes in (loss_axes, top1_axes):
         if result.best_epoch is not None:
             axes.axvline(result.best_epoch, color="grey", linestyle="--", linewidth=1, label="best epoch")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         axes.set_xlabel("epoch")
         axes.legend(fontsize=8)
     loss_axes.set_ylabel("cross-entropy")
     top1_axes.set_ylabel("top-1")
-    figure.suptitle(f"Training ({_lens(result)})")
+    figure.suptitle(f"Training, {_lens(result)} lens")
     figure.tight_layout()
     return figure
 

@@ -12,7 +12,7 @@ import ctexp
 @cache
 def code_version() -> str:
     """The git commit of the ctexp source (with ``+dirty`` when modified), else the package version."""
-    source = Path(ctexp.__file__).resolve().parent
+    source = Path(__file__).resolve().parent
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, timeout=5, check=True

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from rich.table import Table
 
 from ctexp.align import AlignedProblem
-from ctexp.result import GroupMetrics, RunResult
+from ctexp.result import EpochMetrics, GroupMetrics, RunResult
 from ctexp.tokenizers import Tokenizer
 
 
@@ -29,16 +29,16 @@ def signed_points(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:+.2f}"
 
 
-def epochs_table(result: RunResult) -> Table:
+def epochs_table(epochs: list[EpochMetrics], best_epoch: int | None, stopped_early: bool) -> Table:
     table = Table(title="Training progress (validation)")
     for column in ("Epoch", "Train loss", "Val loss", "Top-1", "Top-5", "Top-10", "Seconds", "Notes"):
         table.add_column(column, justify="right" if column != "Notes" else "left")
-    last = result.epochs[-1].epoch if result.epochs else None
-    for epoch in result.epochs:
+    last = epochs[-1].epoch if epochs else None
+    for epoch in epochs:
         notes = []
-        if epoch.epoch == result.best_epoch:
+        if epoch.epoch == best_epoch:
             notes.append("best model")
-        if epoch.epoch == last and result.stopped_early:
+        if epoch.epoch == last and stopped_early:
             notes.append("early stopping")
         table.add_row(
             str(epoch.epoch), f"{epoch.train_loss:.4f}", f"{epoch.val_loss:.4f}", pct(epoch.val_top1),
@@ -69,16 +69,17 @@ def breakdown_table(title: str, key: str, rows: Iterable[GroupMetrics], empty: l
     return table
 
 
-def grid_table(result: RunResult, metric: str = "top1") -> Table:
-    """Layer x position grid of a metric."""
-    positions = result.data.positions
-    table = Table(title=f"Test {metric} by layer (rows) x position (columns)")
+def grid_table(cells: list[GroupMetrics], metric: str = "top1", title: str | None = None) -> Table:
+    """Layer x position grid of a metric (or of a signed delta, when ``title`` says so)."""
+    layers = sorted({row.layer for row in cells if row.layer is not None})
+    positions = sorted({row.position for row in cells if row.position is not None})
+    table = Table(title=title or f"Test {metric} by layer (rows) x position (columns)")
     table.add_column("Layer", justify="right")
     for position in positions:
         table.add_column(str(position), justify="right")
-    cells = {(row.layer, row.position): getattr(row, metric) for row in result.by_cell}
-    for layer in result.data.layers:
-        table.add_row(str(layer), *[pct(cells.get((layer, position))) for position in positions])
+    values = {(row.layer, row.position): getattr(row, metric) for row in cells}
+    for layer in layers:
+        table.add_row(str(layer), *[pct(values.get((layer, position))) for position in positions])
     return table
 
 
@@ -98,12 +99,12 @@ def samples_table(result: RunResult) -> Table:
 
 def run_tables(result: RunResult) -> list[Table]:
     """All tables of a run, in reading order."""
-    tables = [epochs_table(result)] if result.epochs else []
+    tables = [epochs_table(result.epochs, result.best_epoch, result.stopped_early)] if result.epochs else []
     tables += [
         breakdown_table("Test overall", "overall", [result.overall]),
         breakdown_table("Performance by layer (test)", "layer", result.by_layer),
         breakdown_table("Performance by position (test)", "position", result.by_position, result.data.empty["empty"]),
-        grid_table(result),
+        grid_table(result.by_cell),
         samples_table(result),
     ]
     return tables

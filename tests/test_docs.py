@@ -24,10 +24,18 @@ def test_every_command_has_a_readme_section_with_an_example():
         assert re.search(rf"^ctexp {name}\b", README, re.MULTILINE), f"no example of ctexp {name}"
 
 
+def leaf_commands(group, prefix: str = "ctexp"):
+    """(full name, command) for every command, descending into groups such as ``ctexp db``."""
+    for name, command in group.commands.items():
+        if hasattr(command, "commands"):
+            yield from leaf_commands(command, f"{prefix} {name}")
+        else:
+            yield f"{prefix} {name}", command
+
+
 def test_every_command_help_has_an_example():
-    group = typer.main.get_command(app)
-    for name, command in group.commands.items():  # type: ignore[attr-defined]
-        assert "Example: ctexp " + name in (command.help or ""), name
+    for full_name, command in leaf_commands(typer.main.get_command(app)):
+        assert "Example: " + full_name in (command.help or ""), full_name
 
 
 def test_readme_opens_with_the_two_commands_and_ci_runs_the_second():

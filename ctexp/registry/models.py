@@ -1,0 +1,281 @@
+"""The results database's tables, as SQLAlchemy 2 typed models.
+
+Alembic (``migrations/``) is the only thing that creates or alters these tables; the models here are
+what the code reads and writes, and a test checks that they match the migrated schema exactly.
+
+Every table, index and constraint name starts with ``ctexp_`` (directly, or through the naming
+convention) so the database can be shared with Optuna's and MLflow's tables without a clash.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Dialect,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+TABLE_PREFIX = "ctexp_"
+VERSION_TABLE = "ctexp_alembic_version"  # Optuna and MLflow keep theirs in `alembic_version`
+
+# Headline and per-group metrics. Top-k rates are better high, loss is better low.
+METRICS = ("loss", "top1", "top5", "top10")
+BASELINES = ("prior", "identity")
+HIGHER_IS_BETTER = {"loss": False, "top1": True, "top5": True, "top10": True}
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_N_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class RunStatus(StrEnum):
+    """A run's life cycle, in MLflow's words so the two stores read alike."""
+
+    RUNNING = "RUNNING"
+    FINISHED = "FINISHED"
+    FAILED = "FAILED"
+    KILLED = "KILLED"
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC in Python, naive UTC in the database.
+
+    SQLite has no timezone type, so both backends store naive UTC and every value read back is
+    made aware again: comparisons never mix naive and aware datetimes.
+    """
+
+    impl = DateTime(timezone=False)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r} given to the results database; use UTC-aware datetimes")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {
+        datetime: UTCDateTime(),
+        dict[str, Any]: JSON(),
+        float: Float(),
+        str: Text(),
+    }
+
+
+class Experiment(Base):
+    """A named configuration: runs of equal ``(name, config_hash)`` share one row."""
+
+    __tablename__ = "ctexp_experiments"
+    __table_args__ = (UniqueConstraint("name", "config_hash"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str]
+    config_json: Mapped[dict[str, Any]]
+    config_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime]
+
+
+class Run(Base):
+    """One execution of an experiment: its provenance, status and headline (overall test) metrics."""
+
+    __tablename__ = "ctexp_runs"
+    __table_args__ = (
+        Index("ix_ctexp_runs_status", "status"),
+        Index("ix_ctexp_runs_experiment_id", "experiment_id"),
+        Index("ix_ctexp_runs_started_at", "started_at"),
+        Index("ix_ctexp_runs_name", "name"),
+        Index("ix_ctexp_runs_mlflow_run_id", "mlflow_run_id"),
+        Index("ix_ctexp_runs_sweep_id_trial_number", "sweep_id", "trial_number"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)  # ctexp's 32-hex run id
+    name: Mapped[str]
+    experiment_id: Mapped[int] = mapped_column(ForeignKey("ctexp_experiments.id"))
+    # VARCHAR + CHECK rather than a native PostgreSQL enum: a later state is a batch ALTER, not a type change.
+    status: Mapped[RunStatus] = mapped_column(
+        Enum(RunStatus, name="run_status", native_enum=False, create_constraint=True, length=16,
+             values_callable=lambda kinds: [kind.value for kind in kinds])
+    )
+    started_at: Mapped[datetime]
+    ended_at: Mapped[datetime | None]
+    heartbeat_at: Mapped[datetime]
+    config_json: Mapped[dict[str, Any]]
+    lens: Mapped[str] = mapped_column(String(32))
+    adapter: Mapped[str] = mapped_column(String(32))
+    split: Mapped[str]
+    target: Mapped[str] = mapped_column(String(32))
+    layers: Mapped[str]  # the spec as given: "all", "0-7,15"
+    positions: Mapped[str]
+    store_hash: Mapped[str] = mapped_column(String(64))
+    store_path: Mapped[str | None]
+    code_version: Mapped[str]
+    device: Mapped[str]
+    seed: Mapped[int]
+    mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
+    sweep_id: Mapped[int | None]  # the sweeps table, and its foreign key, come in a later revision
+    trial_number: Mapped[int | None]
+    error: Mapped[str | None]
+    test_top1: Mapped[float | None]
+    test_top5: Mapped[float | None]
+    test_top10: Mapped[float | None]
+    test_loss: Mapped[float | None]
+    test_top1_low: Mapped[float | None]
+    test_top1_high: Mapped[float | None]
+    prior_top1: Mapped[float | None]
+    identity_top1: Mapped[float | None]
+    best_val_loss: Mapped[float | None]
+    best_epoch: Mapped[int | None]
+    n_test_problems: Mapped[int | None]
+    n_test_states: Mapped[int | None]
+    seconds: Mapped[float | None]
+
+
+# Headline columns a run list can be sorted by, besides started_at.
+HEADLINE_METRICS = (
+    "test_top1", "test_top5", "test_top10", "test_loss", "test_top1_low", "test_top1_high", "prior_top1",
+    "identity_top1", "best_val_loss", "best_epoch", "n_test_problems", "n_test_states", "seconds",
+)
+
+
+class Epoch(Base):
+    """One training epoch's losses and validation metrics."""
+
+    __tablename__ = "ctexp_epochs"
+
+    run_id: Mapped[str] = mapped_column(String(32), ForeignKey("ctexp_runs.id", ondelete="CASCADE"), primary_key=True)
+    epoch: Mapped[int] = mapped_column(primary_key=True)
+    train_loss: Mapped[float]
+    val_loss: Mapped[float]
+    val_top1: Mapped[float]
+    val_top5: Mapped[float]
+    val_top10: Mapped[float]
+    seconds: Mapped[float]
+
+
+def metric_column_names() -> list[str]:
+    """The metric columns every results table has, in table order (see ``GroupMetricsColumns``)."""
+    names = ["n", "problems", *METRICS]
+    names += [f"{metric}_{bound}" for metric in METRICS for bound in ("low", "high")]
+    names += [f"{baseline}_{metric}" for baseline in BASELINES for metric in METRICS]
+    return [*names, "lift_prior", "lift_identity"]
+
+
+class GroupMetricsColumns:
+    """The metric columns shared by layer, position and cell results (one place, three tables).
+
+    Metrics are nullable: a position with no test state (``n == 0``) has none. Bounds are the 95%
+    bootstrap interval; ``prior_*`` and ``identity_*`` are the baselines on the same states.
+    ``metric_column_names()`` lists the same columns in the same order, and a test holds them equal.
+    """
+
+    n: Mapped[int]
+    problems: Mapped[int]
+    loss: Mapped[float | None]
+    top1: Mapped[float | None]
+    top5: Mapped[float | None]
+    top10: Mapped[float | None]
+    loss_low: Mapped[float | None]
+    loss_high: Mapped[float | None]
+    top1_low: Mapped[float | None]
+    top1_high: Mapped[float | None]
+    top5_low: Mapped[float | None]
+    top5_high: Mapped[float | None]
+    top10_low: Mapped[float | None]
+    top10_high: Mapped[float | None]
+    prior_loss: Mapped[float | None]
+    prior_top1: Mapped[float | None]
+    prior_top5: Mapped[float | None]
+    prior_top10: Mapped[float | None]
+    identity_loss: Mapped[float | None]
+    identity_top1: Mapped[float | None]
+    identity_top5: Mapped[float | None]
+    identity_top10: Mapped[float | None]
+    lift_prior: Mapped[float | None]
+    lift_identity: Mapped[float | None]
+
+
+def _run_id_column() -> Mapped[str]:
+    # Deleting a run deletes its results in the database itself, whoever deletes it.
+    return mapped_column(String(32), ForeignKey("ctexp_runs.id", ondelete="CASCADE"))
+
+
+def _split_column() -> Mapped[str]:
+    return mapped_column(String(16))  # the evaluated split; "test" for now
+
+
+class LayerResult(Base, GroupMetricsColumns):
+    """Test metrics of one run at one layer (all positions)."""
+
+    __tablename__ = "ctexp_layer_results"
+    __table_args__ = (
+        PrimaryKeyConstraint("run_id", "split", "layer"),
+        Index("ix_ctexp_layer_results_layer_split", "layer", "split"),
+    )
+
+    run_id: Mapped[str] = _run_id_column()
+    split: Mapped[str] = _split_column()
+    layer: Mapped[int]
+
+
+class PositionResult(Base, GroupMetricsColumns):
+    """Test metrics of one run at one CT position (all layers)."""
+
+    __tablename__ = "ctexp_position_results"
+    __table_args__ = (
+        PrimaryKeyConstraint("run_id", "split", "position"),
+        Index("ix_ctexp_position_results_position_split", "position", "split"),
+    )
+
+    run_id: Mapped[str] = _run_id_column()
+    split: Mapped[str] = _split_column()
+    position: Mapped[int]
+
+
+class CellResult(Base, GroupMetricsColumns):
+    """Test metrics of one run at one (layer, position) cell."""
+
+    __tablename__ = "ctexp_cell_results"
+    __table_args__ = (
+        PrimaryKeyConstraint("run_id", "split", "layer", "position"),
+        Index("ix_ctexp_cell_results_layer_position_split", "layer", "position", "split"),
+    )
+
+    run_id: Mapped[str] = _run_id_column()
+    split: Mapped[str] = _split_column()
+    layer: Mapped[int]
+    position: Mapped[int]
+
+
+RESULT_TABLES: dict[str, type[LayerResult] | type[PositionResult] | type[CellResult]] = {
+    "layer": LayerResult,
+    "position": PositionResult,
+    "cell": CellResult,
+}
+# The columns that identify a group within a run, per breakdown.
+GROUP_KEYS = {"layer": ("layer",), "position": ("position",), "cell": ("layer", "position")}

@@ -1,0 +1,610 @@
+"""Recording runs in MLflow: parameters, per-epoch metrics, final metrics, artifacts and figures.
+
+Only ``MlflowClient`` is used, bound to one tracking URI per ``Tracker``: no fluent ``mlflow.start_run``,
+no active run, no ``mlflow.set_tracking_uri``, so concurrent trackers (sweep workers, tests) never
+share state. ``mlflow`` is imported lazily because importing it takes over a second, which a run
+without tracking must not pay.
+
+Every failure of MLflow, of its database or of the network is raised as one ``TrackingError`` line,
+with passwords in URIs masked.
+
+Costs (2-core machine): importing mlflow 1-2 s, opening an existing SQLite store 0.5-0.8 s (creating
+one 2-7 s), importing matplotlib 0.4 s; then each recorded run 0.4-1.5 s, mostly the figures.
+``Tracker.warm_up`` pays the fixed part ahead, e.g. in a thread while the run trains.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar
+from urllib.parse import unquote, urlparse
+
+from ctexp.errors import TrackingError
+from ctexp.result import EpochMetrics, GroupMetrics, RunResult
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities import Run
+
+CHECK_TIMEOUT_S = 2.5  # per phase (connect, read): at most 5 s in all before training starts
+PARAMS_PER_BATCH = 100  # MLflow's log_batch limits
+METRICS_PER_BATCH = 1000
+REMOTE_SCHEMES = ("http", "https")
+LOCAL_SCHEMES = ("sqlite", "file")
+RUN_ARTIFACTS = "run"
+FIGURE_ARTIFACTS = "figures"
+GROUP_METRICS = ("loss", "top1", "top5", "top10")
+ROW_EXTRAS = ("prior_top1", "identity_top1", "lift_prior", "lift_identity")
+DEFAULT_EXPERIMENT_ID = "0"
+
+# user:password@ in any URI inside a message; the password part may hold anything but '@' and spaces.
+_CREDENTIALS = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*):[^@\s]*@")
+
+T = TypeVar("T")
+
+
+def resolve_tracking_uri(uri: str | None, home: Path) -> str:
+    """The tracking URI to use: the argument, else ``$MLFLOW_TRACKING_URI``, else ``HOME/mlflow.db``.
+
+    Args:
+        uri: ``--tracking-uri`` (None or empty when not given).
+        home: the ctexp home; its SQLite database is the default store.
+
+    Returns:
+        A tracking URI, e.g. ``sqlite:////abs/home/mlflow.db``.
+    """
+    if uri:
+        return uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{home.resolve()}/mlflow.db"
+
+
+def quiet_mlflow() -> None:
+    """Keep MLflow off the network and off stdout, unless the user explicitly asked otherwise.
+
+    MLflow 3 (a) posts a usage event for every created run and logged batch to mlflow-telemetry.io,
+    and (b) writes "View run ... at: URL" lines to stdout whenever a run on a server ends, which
+    would corrupt ``ctexp run --json``. ctexp must never phone home and owns its stdout. MLflow has
+    no per-client switch for either: only environment variables, which it reads at every event and
+    every ``set_terminated``, so setting them before the first run suffices even when ``mlflow`` is
+    already imported. ``setdefault`` keeps a user's explicit ``...=false``.
+    """
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    # MLflow's default of 7 retries with backoff blocks a call for ~4 minutes when a server goes away
+    # mid-run; a few short tries are enough to ride out a blip and still end the run promptly.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+
+def mask_password(text: str) -> str:
+    """``scheme://user:secret@host`` -> ``scheme://user:***@host`` anywhere in ``text``."""
+    return _CREDENTIALS.sub(r"\g<head>:***@", text)
+
+
+def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """A nested config as MLflow parameters: dotted keys, string values (``"train.lr" -> "0.001"``).
+
+    Args:
+        config: the resolved config (``RunResult.config`` or ``ExperimentConfig.model_dump(mode="json")``).
+        prefix: the dotted path of ``config`` itself (for recursion).
+
+    Returns:
+        One entry per leaf; None is ``"null"`` and booleans are ``"true"``/``"false"``, as in the JSON
+        the run directory holds, so that ``params.store = 'null'`` finds world runs.
+    """
+    flat: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_config(value, f"{name}."))
+        else:
+            flat[name] = _param_value(value)
+    return flat
+
+
+def final_metrics(result: RunResult) -> dict[str, float]:
+    """The final metrics of a run under MLflow keys; None values are left out.
+
+    Keys: ``test/*`` (overall), ``layer{L}/*``, ``position{P}/*``, ``cell/l{L}_p{P}/*``, each with
+    ``loss``, ``top1``, ``top5``, ``top10``, their ``*_low``/``*_high`` 95% interval ends, ``n``,
+    ``problems``, ``prior_top1``, ``identity_top1``, ``lift_prior``, ``lift_identity``; the baselines
+    overall as ``prior/*`` and ``identity/*``; and ``run/seconds``, ``run/lens_parameters``,
+    ``run/epochs``, ``run/best_epoch``.
+
+    Args:
+        result: a finished run.
+
+    Returns:
+        Metric name -> value.
+    """
+    metrics = _group_metrics("test", result.overall)
+    for row in result.by_layer:
+        metrics.update(_group_metrics(f"layer{row.layer}", row))
+    for row in result.by_position:
+        metrics.update(_group_metrics(f"position{row.position}", row))
+    for row in result.by_cell:
+        metrics.update(_group_metrics(f"cell/l{row.layer}_p{row.position}", row))
+    for name, baseline in result.baselines.items():
+        metrics.update(_group_metrics(name, baseline.overall))
+    run = {
+        "run/seconds": result.seconds,
+        "run/lens_parameters": result.lens_parameters,
+        "run/epochs": len(result.epochs),
+        "run/best_epoch": result.best_epoch,
+    }
+    metrics.update({key: float(value) for key, value in run.items() if value is not None})
+    return metrics
+
+
+class Tracker:
+    """Records ctexp runs in one MLflow tracking store (a SQLite file, a file store or a server).
+
+    Args:
+        tracking_uri: ``sqlite:///PATH``, ``file:///PATH`` or ``http(s)://HOST[:PORT]``.
+        artifact_root: where experiments that this tracker creates keep their artifacts, for local
+            stores only (a server decides for itself). Default for SQLite: ``artifacts/`` next to the
+            database, so that artifacts never land in the working directory; for a file store: inside
+            the store.
+    """
+
+    def __init__(self, tracking_uri: str, artifact_root: Path | None = None) -> None:
+        self.tracking_uri = tracking_uri
+        self.scheme = urlparse(tracking_uri).scheme.lower()
+        self._artifact_root = artifact_root
+        self._opened: MlflowClient | None = None
+        self._opening = threading.Lock()  # warm_up may open the client in another thread
+        quiet_mlflow()
+
+    @property
+    def display_uri(self) -> str:
+        """The tracking URI with its password masked, for messages."""
+        return mask_password(self.tracking_uri)
+
+    @property
+    def is_local(self) -> bool:
+        """Whether the store (and its default artifact location) is on this machine."""
+        return self.scheme in LOCAL_SCHEMES
+
+    @property
+    def artifact_location(self) -> str | None:
+        """The ``file://`` URI given to experiments this tracker creates (None: MLflow's default)."""
+        if self.scheme == "sqlite":
+            root = self._artifact_root or self._local_store_path().resolve().parent / "artifacts"
+        elif self.scheme == "file" and self._artifact_root is not None:
+            root = self._artifact_root
+        else:
+            return None
+        return root.resolve().as_uri()
+
+    def check(self) -> None:
+        """Fail fast, before training, if runs cannot be recorded.
+
+        A server gets one GET of its REST API (no retries, at most ~5 s); a local store needs its
+        directory to exist, or be creatable, and be writable, and a file store needs
+        ``MLFLOW_ALLOW_FILE_STORE=true`` (MLflow 3.17 refuses it otherwise). Nothing is created.
+
+        Raises:
+            TrackingError: unreachable server, refused credentials, unwritable directory, or an
+                unsupported URI scheme.
+        """
+        if self.scheme in REMOTE_SCHEMES:
+            self._check_server()
+        elif self.scheme in LOCAL_SCHEMES:
+            if self.scheme == "file" and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("true", "1"):
+                raise TrackingError(
+                    f"MLflow 3 refuses file stores such as {self.display_uri} unless MLFLOW_ALLOW_FILE_STORE=true; "
+                    "use sqlite:///PATH/mlflow.db instead (check --tracking-uri / MLFLOW_TRACKING_URI)"
+                )
+            store = self._local_store_path()
+            _check_writable(store.parent if self.scheme == "sqlite" else store, "MLflow store")
+            if self.scheme == "sqlite" and store.exists() and not os.access(store, os.R_OK | os.W_OK):
+                raise TrackingError(f"the MLflow database {store} is not writable; check its permissions")
+            if self.artifact_location is not None:
+                _check_writable(_file_uri_path(self.artifact_location), "MLflow artifact")
+        else:
+            self._unsupported_scheme()
+
+    def start_run(
+        self,
+        *,
+        experiment: str,
+        run_name: str,
+        ctexp_run_id: str,
+        params: Mapping[str, str],
+        tags: Mapping[str, str],
+        parent_run_id: str | None = None,
+    ) -> str:
+        """Create an MLflow run (and its experiment if new), with tags and parameters.
+
+        Args:
+            experiment: MLflow experiment name; created on first use.
+            run_name: the run's display name.
+            ctexp_run_id: ctexp's run id, stored as the tag ``ctexp.run_id``.
+            params: parameters (e.g. ``flatten_config(config)``), logged in batches of 100.
+            tags: further tags (``ctexp.store_hash``, ``ctexp.code_version``,
+                ``mlflow.source.git.commit``, ...); they cannot override ``ctexp.run_id``.
+            parent_run_id: the MLflow run this one nests under (a sweep's parent run).
+
+        Returns:
+            The MLflow run id.
+
+        Raises:
+            TrackingError: MLflow refused or could not be reached.
+        """
+        from mlflow.entities import Param
+
+        all_tags = {"mlflow.user": _user(), **tags, "ctexp.run_id": ctexp_run_id}
+        if parent_run_id is not None:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        with self._errors(f"start a run in experiment {experiment!r}"):
+            experiment_id = self._experiment_id(experiment)
+            run = self._client.create_run(
+                experiment_id, tags={k: str(v) for k, v in all_tags.items()}, run_name=run_name
+            )
+        run_id = run.info.run_id
+        with self._failing_run(run_id), self._errors("log the run's parameters"):
+            for chunk in _chunks(sorted(params.items()), PARAMS_PER_BATCH):
+                self._client.log_batch(run_id, params=[Param(k, str(v)) for k, v in chunk], synchronous=True)
+        return run_id
+
+    def log_epoch(self, mlflow_run_id: str, epoch: EpochMetrics) -> None:
+        """Log one epoch's training metrics at ``step = epoch.epoch``, in one call.
+
+        Raises:
+            TrackingError: MLflow refused or could not be reached.
+        """
+        values = {
+            "train_loss": epoch.train_loss,
+            "val_loss": epoch.val_loss,
+            "val_top1": epoch.val_top1,
+            "val_top5": epoch.val_top5,
+            "val_top10": epoch.val_top10,
+            "epoch_seconds": epoch.seconds,
+        }
+        with self._errors(f"log epoch {epoch.epoch}"):
+            self._client.log_batch(mlflow_run_id, metrics=_metrics(values, step=epoch.epoch), synchronous=True)
+
+    def finish_run(self, mlflow_run_id: str, result: RunResult, run_dir: Path) -> None:
+        """Log the final metrics, the run directory and the figures; then mark the run FINISHED.
+
+        The run directory goes under the artifact folder ``run/``, the figures under ``figures/``.
+        On failure the run is marked FAILED (best effort) before the error is raised.
+
+        Args:
+            mlflow_run_id: from ``start_run``.
+            result: the finished run.
+            run_dir: ``HOME/runs/RUN_ID`` (config.json, result.json, predictions.jsonl, lens files).
+
+        Raises:
+            TrackingError: MLflow refused or could not be reached, or ``run_dir`` is not a directory.
+        """
+        from ctexp.figures import save_figures
+
+        if not run_dir.is_dir():
+            raise TrackingError(f"run directory {run_dir} does not exist; cannot log its artifacts")
+        with self._failing_run(mlflow_run_id):
+            with self._errors("log the final metrics"):
+                for chunk in _chunks(sorted(final_metrics(result).items()), METRICS_PER_BATCH):
+                    self._client.log_batch(mlflow_run_id, metrics=_metrics(dict(chunk), step=0), synchronous=True)
+            with self._errors("log the run directory"):
+                self._client.log_artifacts(mlflow_run_id, str(run_dir), RUN_ARTIFACTS)
+            with tempfile.TemporaryDirectory(prefix="ctexp-figures-") as scratch, self._errors("log the figures"):
+                save_figures(result, Path(scratch))
+                self._client.log_artifacts(mlflow_run_id, scratch, FIGURE_ARTIFACTS)
+            with self._errors("mark the run finished"):
+                self._client.set_terminated(mlflow_run_id, "FINISHED")
+
+    def end_run(self, mlflow_run_id: str, status: Literal["FAILED", "KILLED"]) -> None:
+        """Mark a run that did not finish: FAILED (an error) or KILLED (interrupted, pruned).
+
+        Raises:
+            ValueError: another status.
+            TrackingError: MLflow refused or could not be reached.
+        """
+        if status not in ("FAILED", "KILLED"):
+            raise ValueError(f"end_run takes FAILED or KILLED, not {status!r}; finish_run finishes a run")
+        with self._errors(f"mark the run {status}"):
+            self._client.set_terminated(mlflow_run_id, status)
+
+    def log_artifact(self, mlflow_run_id: str, path: Path, artifact_path: str | None = None) -> None:
+        """Attach a file (or a directory's files) to a run, e.g. a report written later.
+
+        Args:
+            mlflow_run_id: the run.
+            path: a local file or directory.
+            artifact_path: a relative folder inside the run's artifacts (no ``..``, not absolute).
+
+        Raises:
+            TrackingError: a missing ``path``, an escaping ``artifact_path``, or an MLflow failure.
+        """
+        folder = safe_artifact_path(artifact_path)
+        if not path.exists():
+            raise TrackingError(f"cannot log {path} to MLflow: it does not exist")
+        with self._errors(f"log the artifact {path.name}"):
+            if path.is_dir():
+                self._client.log_artifacts(mlflow_run_id, str(path), folder)
+            else:
+                self._client.log_artifact(mlflow_run_id, str(path), folder)
+
+    def delete_run(self, mlflow_run_id: str) -> None:
+        """Delete a run (MLflow keeps it, marked deleted, until ``mlflow gc``) and its local artifacts.
+
+        Raises:
+            TrackingError: MLflow refused or could not be reached.
+        """
+        with self._errors("delete the run"):
+            artifact_uri = self._client.get_run(mlflow_run_id).info.artifact_uri
+            self._client.delete_run(mlflow_run_id)
+        if artifact_uri and artifact_uri.startswith("file:"):
+            _remove_run_artifacts(_file_uri_path(artifact_uri), mlflow_run_id)
+
+    def search(self, experiment: str, filter_string: str = "") -> list[Run]:
+        """The active runs of an experiment, newest first (all pages); [] for an unknown experiment.
+
+        Raises:
+            TrackingError: MLflow refused or could not be reached.
+        """
+        with self._errors(f"search experiment {experiment!r}"):
+            found = self._client.get_experiment_by_name(experiment)
+            if found is None:
+                return []
+            runs: list[Run] = []
+            token = None
+            while True:
+                page = self._client.search_runs(
+                    [found.experiment_id], filter_string, order_by=["attributes.start_time DESC"],
+                    page_token=token,
+                )
+                runs.extend(page)
+                token = page.token
+                if not token:
+                    return runs
+
+    def warm_up(self) -> None:
+        """Pay the fixed costs now: import MLflow and matplotlib, open the store (create its schema).
+
+        These take seconds (see the module docstring); calling this from a background thread while a
+        run loads its data and trains hides them. Safe to call once alongside the other methods.
+
+        Raises:
+            TrackingError: the store cannot be opened.
+        """
+        self._client  # noqa: B018 - opening the client is the point
+        import ctexp.figures  # noqa: F401 - matplotlib's import and font cache
+
+    @property
+    def _client(self) -> MlflowClient:
+        # Opened on first use: for SQLite this creates or migrates the schema (seconds on a new file).
+        with self._opening:
+            if self._opened is None:
+                self._opened = self._open()
+            return self._opened
+
+    def _open(self) -> MlflowClient:
+        if self.scheme not in REMOTE_SCHEMES + LOCAL_SCHEMES:
+            self._unsupported_scheme()
+        with self._errors("open the tracking store"):
+            from mlflow import MlflowClient
+
+            return MlflowClient(tracking_uri=self.tracking_uri)
+
+    def _experiment_id(self, name: str) -> str:
+        from mlflow.exceptions import MlflowException
+
+        experiment = self._client.get_experiment_by_name(name)
+        if experiment is None:
+            try:
+                return self._client.create_experiment(name, artifact_location=self.artifact_location)
+            except MlflowException as error:
+                if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                # Another worker of a sweep created it between our lookup and our create.
+                experiment = self._client.get_experiment_by_name(name)
+                if experiment is None:
+                    raise
+        if experiment.lifecycle_stage == "deleted":
+            raise TrackingError(
+                f"MLflow experiment {name!r} is deleted at {self.display_uri}; restore it "
+                "(mlflow experiments restore) or choose another experiment name"
+            )
+        if self.is_local and experiment.experiment_id == DEFAULT_EXPERIMENT_ID:
+            # MLflow's built-in experiment keeps artifacts in ./mlruns of wherever the store was created.
+            raise TrackingError(
+                f"MLflow's built-in experiment {name!r} would put artifacts in the working directory; "
+                "choose another experiment name"
+            )
+        return experiment.experiment_id
+
+    def _check_server(self) -> None:
+        from mlflow.utils.credentials import get_default_host_creds
+        from mlflow.utils.rest_utils import http_request
+
+        endpoint = "/api/2.0/mlflow/experiments/search"
+        try:
+            response = http_request(
+                get_default_host_creds(self.tracking_uri), endpoint, "GET", max_retries=0,
+                timeout=(CHECK_TIMEOUT_S, CHECK_TIMEOUT_S), raise_on_status=False, params={"max_results": 1},
+            )
+        except Exception as error:  # requests, urllib3 and MLflow each raise their own kinds
+            reason = _reason(error, timeout=f"no answer within {2 * CHECK_TIMEOUT_S:g} s")
+            raise TrackingError(self._unreachable(reason)) from error
+        if response.status_code in (401, 403):
+            raise TrackingError(self._unreachable(
+                f"HTTP {response.status_code}, credentials refused (set MLFLOW_TRACKING_USERNAME and "
+                "MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN)"
+            ))
+        if response.status_code != 200:
+            raise TrackingError(self._unreachable(
+                f"HTTP {response.status_code} from {endpoint}, not an MLflow tracking server"
+            ))
+
+    def _unreachable(self, reason: str) -> str:
+        return (
+            f"cannot reach the MLflow tracking server at {self.display_uri}: {mask_password(reason)}; "
+            "check --tracking-uri / MLFLOW_TRACKING_URI"
+        )
+
+    def _unsupported_scheme(self) -> NoReturn:
+        raise TrackingError(
+            f"unsupported MLflow tracking URI {self.display_uri!r}; use sqlite:///PATH, file:///PATH "
+            "or http(s)://HOST:PORT (check --tracking-uri / MLFLOW_TRACKING_URI)"
+        )
+
+    def _local_store_path(self) -> Path:
+        """The SQLite database file, or the file store's directory, of a local tracking URI."""
+        if self.scheme == "file":
+            return _file_uri_path(self.tracking_uri)
+        # sqlite:///relative.db and sqlite:////absolute.db; a query (?timeout=...) is not part of it.
+        path = self.tracking_uri.split(":", 1)[1].removeprefix("///").split("?", 1)[0]
+        if path in ("", ":memory:") or not self.tracking_uri.lower().startswith("sqlite:///"):
+            raise TrackingError(
+                f"MLflow tracking URI {self.display_uri!r} names no database file; use sqlite:///PATH/mlflow.db"
+            )
+        return Path(unquote(path))
+
+    @contextmanager
+    def _errors(self, action: str) -> Iterator[None]:
+        """Turn MLflow, database, network and file errors into one ``TrackingError`` line."""
+        try:
+            yield
+        except TrackingError:
+            raise
+        except _tracking_failures() as error:
+            raise TrackingError(
+                f"MLflow could not {action} at {self.display_uri}: {mask_password(_reason(error))}"
+            ) from error
+
+    @contextmanager
+    def _failing_run(self, mlflow_run_id: str) -> Iterator[None]:
+        """Mark the run FAILED if the block fails, so that no run stays RUNNING forever."""
+        try:
+            yield
+        except TrackingError:
+            try:
+                self._client.set_terminated(mlflow_run_id, "FAILED")
+            except Exception:  # noqa: BLE001, S110 - the store is failing; the first error is the one to report
+                pass
+            raise
+
+
+def safe_artifact_path(artifact_path: str | None) -> str | None:
+    """Check that an artifact folder stays inside the run's artifacts; return it normalised.
+
+    Raises:
+        TrackingError: an absolute path, a drive, a backslash or a ``..`` component.
+    """
+    if artifact_path is None:
+        return None
+    posix = PurePosixPath(artifact_path)
+    if posix.is_absolute() or ".." in posix.parts or "\\" in artifact_path or PureWindowsPath(artifact_path).drive:
+        raise TrackingError(
+            f"artifact path {artifact_path!r} must be a relative folder inside the run (no '..', no leading '/')"
+        )
+    normalised = posix.as_posix()
+    return None if normalised == "." else normalised
+
+
+def _group_metrics(prefix: str, row: GroupMetrics) -> dict[str, float]:
+    values: dict[str, float | int | None] = {"n": row.n, "problems": row.problems}
+    for name in GROUP_METRICS:
+        values[name] = getattr(row, name)
+        interval = row.ci.get(name)
+        if interval is not None:
+            values[f"{name}_low"], values[f"{name}_high"] = interval
+    for name in ROW_EXTRAS:
+        values[name] = getattr(row, name)
+    return {f"{prefix}/{key}": float(value) for key, value in values.items() if value is not None}
+
+
+def _param_value(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return ",".join(_param_value(item) for item in value)
+    return str(value)
+
+
+def _metrics(values: Mapping[str, float], step: int) -> list:
+    from mlflow.entities import Metric
+
+    timestamp = int(time.time() * 1000)
+    return [Metric(key, float(value), timestamp, step) for key, value in values.items()]
+
+
+def _chunks(items: list[T], size: int) -> Iterable[list[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _user() -> str:
+    # MLflow records "unknown" unless told; getpass fails in containers without a passwd entry.
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):
+        return "unknown"
+
+
+def _file_uri_path(uri: str) -> Path:
+    parsed = urlparse(uri)
+    return Path(unquote(parsed.netloc + parsed.path if parsed.netloc not in ("", "localhost") else parsed.path))
+
+
+def _check_writable(directory: Path, what: str) -> None:
+    """``directory`` exists and is writable, or its nearest existing ancestor is (so it can be made)."""
+    existing = directory.resolve()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise TrackingError(f"cannot create the {what} directory {directory}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise TrackingError(f"the {what} directory {existing} is not writable; check its permissions")
+
+
+def _remove_run_artifacts(artifacts: Path, mlflow_run_id: str) -> None:
+    # Local layout: <experiment location>/<run id>/artifacts; remove the run's folder only when it
+    # is named after the run, so that an odd artifact URI can never widen the deletion.
+    target = artifacts.parent if artifacts.name == "artifacts" and artifacts.parent.name == mlflow_run_id else artifacts
+    shutil.rmtree(target, ignore_errors=True)
+
+
+def _tracking_failures() -> tuple[type[BaseException], ...]:
+    from mlflow.exceptions import MlflowException
+    from requests import RequestException
+    from sqlalchemy.exc import SQLAlchemyError
+
+    return (MlflowException, RequestException, SQLAlchemyError, OSError)
+
+
+def _reason(error: BaseException, timeout: str = "timed out waiting for an answer") -> str:
+    """Say why in a few words: a timeout, the root OS error of a failed connection, or the first line."""
+    chain = []
+    current: BaseException | None = error
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    # requests, urllib3 and socket each have their own timeout class; all of them say "Timeout".
+    if any(isinstance(link, TimeoutError) or "Timeout" in type(link).__name__ for link in chain):
+        return timeout
+    root = chain[-1]
+    if root is not error and isinstance(root, OSError) and root.strerror:
+        return root.strerror.lower()  # "connection refused", "name or service not known"
+    return _first_line(error)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    text = lines[0] if lines else type(error).__name__
+    return text if len(text) <= 300 else text[:297] + "..."

@@ -1,0 +1,501 @@
+"""The SQL results registry on SQLite and PostgreSQL: schema, sharing with Optuna, writes, reads, locking.
+
+PostgreSQL tests need ``CTEXP_TEST_POSTGRES_URL`` (e.g. postgresql+psycopg://postgres@127.0.0.1:5432/test)
+and skip without it; each works in a schema of its own, dropped afterwards, so other tables in that
+database are never touched.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import time
+import traceback
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import create_engine, inspect, text
+from sqlalchemy.engine import make_url
+
+from ctexp.config import ExperimentConfig, build_config
+from ctexp.errors import RegistryError
+from ctexp.experiment import run_experiment
+from ctexp.registry.db import Registry, mask_url, resolve_db_url
+from ctexp.registry.models import (
+    RESULT_TABLES,
+    VERSION_TABLE,
+    Base,
+    GroupMetricsColumns,
+    RunStatus,
+    metric_column_names,
+)
+from ctexp.result import RunResult
+
+POSTGRES_URL = os.environ.get("CTEXP_TEST_POSTGRES_URL")
+needs_postgres = pytest.mark.skipif(
+    not POSTGRES_URL, reason="set CTEXP_TEST_POSTGRES_URL to a PostgreSQL database URL to run PostgreSQL tests"
+)
+SMALL = {"world.problems": 120, "world.layers": 2, "world.hidden": 16, "train.epochs": 2}
+CTEXP_TABLES = {
+    "ctexp_experiments", "ctexp_runs", "ctexp_epochs", "ctexp_layer_results", "ctexp_position_results",
+    "ctexp_cell_results",
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fixtures
+
+
+@pytest.fixture(scope="module")
+def config() -> ExperimentConfig:
+    return build_config(None, SMALL)
+
+
+@pytest.fixture(scope="module")
+def result(config: ExperimentConfig, tmp_path_factory: pytest.TempPathFactory) -> RunResult:
+    """One real run of a tiny world (about a second)."""
+    return run_experiment(config, home=tmp_path_factory.mktemp("home"))
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A URL whose connections live in a fresh schema (search_path), dropped with everything in it after."""
+    assert POSTGRES_URL is not None
+    schema = f"ctexp_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(POSTGRES_URL)
+    with admin.begin() as connection:
+        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        url = make_url(POSTGRES_URL).update_query_dict({"options": f"-csearch_path={schema}"})
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with admin.begin() as connection:
+            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=needs_postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty results database on each backend."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'ctexp.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def registry(db_url: str) -> Iterator[Registry]:
+    with Registry(db_url) as opened:
+        yield opened
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def start(registry: Registry, config: ExperimentConfig, run_id: str | None = None, name: str = "run",
+          **extra: object) -> str:
+    run_id = run_id or new_id()
+    registry.start_run(run_id, name, config, store_hash="cf7a51b84f4cb0df", store_path=None, device="cpu",
+                       code_version="test", **extra)  # type: ignore[arg-type]
+    return run_id
+
+
+def record(registry: Registry, result: RunResult, *, name: str = "run", top1: list[float] | None = None,
+           config_update: dict | None = None, **extra: object) -> RunResult:
+    """Record ``result`` as a new run (start, epochs, finish), its per-position top-1 replaced by ``top1``."""
+    run_id = new_id()
+    by_position = result.by_position
+    if top1 is not None:
+        by_position = [row.model_copy(update={"top1": value}) for row, value in zip(by_position, top1, strict=True)]
+    copy = result.model_copy(update={"run_id": run_id, "name": name, "by_position": by_position})
+    config = ExperimentConfig.model_validate({**copy.config, **(config_update or {})})
+    start(registry, config, run_id, name, **extra)
+    for epoch in copy.epochs:
+        registry.record_epoch(run_id, epoch)
+    registry.finish_run(copy)
+    return copy
+
+
+def sql(url: str, query: str, **params: object) -> list[tuple]:
+    engine = create_engine(url)
+    try:
+        with engine.begin() as connection:
+            rows = connection.execute(text(query), params)
+            return [tuple(row) for row in rows] if rows.returns_rows else []
+    finally:
+        engine.dispose()
+
+
+def ctexp_only(name: str | None, type_: str, parent_names: dict) -> bool:
+    return type_ != "table" or (name is not None and name.startswith("ctexp_") and name != VERSION_TABLE)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Schema
+
+
+def test_schema_from_empty_is_exactly_the_models(db_url: str) -> None:
+    with Registry(db_url) as registry:
+        assert registry.current_revision() == registry.head_revision() == "0001_initial"
+    engine = create_engine(db_url)
+    try:
+        with engine.connect() as connection:
+            tables = set(inspect(connection).get_table_names())
+            assert {name for name in tables if name.startswith("ctexp_")} == CTEXP_TABLES | {VERSION_TABLE}
+            context = MigrationContext.configure(connection, opts={"include_name": ctexp_only, "compare_type": True})
+            assert compare_metadata(context, Base.metadata) == []  # the migration and the models agree
+            indexes = {index["name"] for table in CTEXP_TABLES for index in inspect(connection).get_indexes(table)}
+            assert {"ix_ctexp_runs_status", "ix_ctexp_runs_experiment_id", "ix_ctexp_runs_started_at",
+                    "ix_ctexp_runs_sweep_id_trial_number", "ix_ctexp_runs_mlflow_run_id",
+                    "ix_ctexp_position_results_position_split", "ix_ctexp_layer_results_layer_split",
+                    "ix_ctexp_cell_results_layer_position_split"} <= indexes
+    finally:
+        engine.dispose()
+
+
+def test_metric_columns_are_declared_once_for_three_tables() -> None:
+    declared = [name for name in GroupMetricsColumns.__annotations__]
+    assert declared == metric_column_names()
+    for by, table in RESULT_TABLES.items():
+        columns = [column.name for column in table.__table__.columns]
+        assert columns[-len(declared):] == declared, by
+        assert [column.name for column in table.__table__.primary_key.columns][:2] == ["run_id", "split"]
+
+
+@pytest.mark.parametrize("optuna_first", [True, False], ids=["optuna-first", "ctexp-first"])
+def test_shares_a_database_with_optuna(db_url: str, result: RunResult, optuna_first: bool) -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    def study(name: str) -> None:
+        optuna.create_study(storage=db_url, study_name=name).optimize(
+            lambda trial: trial.suggest_float("x", 0, 1), n_trials=2)
+
+    if optuna_first:
+        study("before")
+    with Registry(db_url) as registry:
+        record(registry, result)
+    study("after")
+    with Registry(db_url) as registry:  # reopening finds its schema current, Optuna's tables untouched
+        assert len(registry.list_runs()) == 1
+    for name in (["before"] if optuna_first else []) + ["after"]:
+        assert len(optuna.load_study(study_name=name, storage=db_url).trials) == 2
+    optuna_versions = sql(db_url, "SELECT version_num FROM alembic_version")
+    assert len(optuna_versions) == 1 and optuna_versions[0][0] != "0001_initial"
+    assert sql(db_url, f"SELECT version_num FROM {VERSION_TABLE}") == [("0001_initial",)]
+
+
+def test_downgrade_removes_only_ctexp_tables_and_old_database_needs_upgrade(db_url: str) -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.create_study(storage=db_url, study_name="kept")
+    with Registry(db_url) as registry:
+        engine = create_engine(db_url)
+        with engine.connect() as connection:
+            command.downgrade(registry._alembic_config(connection), "base")
+            connection.commit()
+            left = set(inspect(connection).get_table_names())
+        engine.dispose()
+    assert not (left & CTEXP_TABLES) and "studies" in left
+    with pytest.raises(RegistryError, match=r"behind this ctexp \(head 0001_initial\); run `ctexp db upgrade`"):
+        Registry(db_url, upgrade=False)
+    with Registry(db_url) as registry:  # upgrade=True brings it back
+        assert registry.current_revision() == "0001_initial"
+    assert optuna.load_study(study_name="kept", storage=db_url) is not None
+
+
+def test_empty_database_with_upgrade_false_names_the_command(db_url: str) -> None:
+    with pytest.raises(RegistryError, match=r"schema revision none \(empty\).*`ctexp db upgrade`"):
+        Registry(db_url, upgrade=False)
+    assert Registry(db_url, upgrade=False, check_schema=False).current_revision() is None
+
+
+def test_newer_schema_revision_is_refused(db_url: str) -> None:
+    Registry(db_url).close()
+    sql(db_url, f"UPDATE {VERSION_TABLE} SET version_num = '9999_future'")
+    for upgrade in (True, False):
+        with pytest.raises(RegistryError) as caught:
+            Registry(db_url, upgrade=upgrade)
+        message = str(caught.value)
+        assert "schema revision 9999_future, newer than this ctexp (head 0001_initial); upgrade ctexp" in message
+        assert "\n" not in message
+
+
+def test_unreachable_database_fails_fast_with_a_masked_url() -> None:
+    pytest.importorskip("psycopg")
+    started = time.perf_counter()
+    with pytest.raises(RegistryError) as caught:
+        Registry("postgresql+psycopg://postgres:s3cret-pw@127.0.0.1:1/x")
+    assert time.perf_counter() - started < 6
+    message = str(caught.value)
+    assert message.startswith("cannot reach the results database at postgresql+psycopg://postgres:***@127.0.0.1:1/x: ")
+    assert message.endswith("check --db-url / CTEXP_DB_URL")
+    assert "s3cret-pw" not in message and "\n" not in message
+    assert caught.value.exit_code == 8
+
+
+def test_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CTEXP_DB_URL", raising=False)
+    home = tmp_path / "not-yet" / "home"
+    assert resolve_db_url(None, home) == f"sqlite:///{home.resolve()}/ctexp.db"
+    assert not home.exists()  # created when the registry first opens it
+    monkeypatch.setenv("CTEXP_DB_URL", "sqlite:////elsewhere.db")
+    assert resolve_db_url(None, home) == "sqlite:////elsewhere.db"
+    assert resolve_db_url("postgresql+psycopg://u@h/db", home) == "postgresql+psycopg://u@h/db"
+    monkeypatch.delenv("CTEXP_DB_URL")
+    Registry(resolve_db_url(None, home)).close()
+    assert (home / "ctexp.db").is_file()
+
+    assert mask_url("postgresql+psycopg://me:pw@host:5432/db") == "postgresql+psycopg://me:***@host:5432/db"
+    assert "pw" not in mask_url("postgresql+psycopg://me@host/db?password=pw")
+    assert mask_url("sqlite:////a/b.db") == "sqlite:////a/b.db"
+    assert mask_url("not a url://me:pw@x") == "not a url://me:***@x"
+    with pytest.raises(RegistryError, match="is not a database URL"):
+        Registry("no-scheme-here")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Writes and reads
+
+
+def test_round_trip_of_a_real_run(db_url: str, registry: Registry, result: RunResult,
+                                  config: ExperimentConfig) -> None:
+    run_id = start(registry, config, result.run_id, result.name, mlflow_run_id="mlf-1")
+    running = registry.resolve(run_id)
+    assert running.status is RunStatus.RUNNING and running.ended_at is None and running.test_top1 is None
+    registry.record_epoch(run_id, result.epochs[0])
+    registry.record_epoch(run_id, result.epochs[0])  # recording an epoch again replaces it
+    assert registry.epochs(run_id) == result.epochs[:1]
+    registry.finish_run(result)
+    registry.finish_run(result)  # finishing again (a retry) replaces, never duplicates
+
+    layers, positions = result.data.layers, result.data.positions
+    counts = {table: sql(db_url, f"SELECT COUNT(*) FROM {table} WHERE run_id = :id", id=run_id)[0][0]
+              for table in ("ctexp_layer_results", "ctexp_position_results", "ctexp_cell_results", "ctexp_epochs")}
+    assert counts == {"ctexp_layer_results": len(layers), "ctexp_position_results": len(positions),
+                      "ctexp_cell_results": len(layers) * len(positions), "ctexp_epochs": len(result.epochs)}
+
+    # Plain SQL sees the baselines of the same states, matched by position.
+    rows = sql(db_url, "SELECT position, n, top1, top1_low, prior_top1, prior_loss, identity_top5 "
+                       "FROM ctexp_position_results WHERE run_id = :id AND split = 'test' ORDER BY position", id=run_id)
+    prior, identity = result.baselines["prior"].by_position, result.baselines["identity"].by_position
+    for row, lens_row, prior_row, identity_row in zip(rows, result.by_position, prior, identity, strict=True):
+        low = lens_row.ci["top1"][0] if lens_row.ci.get("top1") else None
+        assert row == (lens_row.position, lens_row.n, lens_row.top1, low, prior_row.top1, prior_row.loss,
+                       identity_row.top5)
+
+    cells = registry.results(run_id, "cell")
+    assert [(row.layer, row.position) for row in cells] == [(cell.layer, cell.position) for cell in result.by_cell]
+    for row, cell, prior_cell in zip(cells, result.by_cell, result.baselines["prior"].by_cell, strict=True):
+        assert (row.n, row.loss, row.top10, row.prior_top1, row.lift_identity) == (
+            cell.n, cell.loss, cell.top10, prior_cell.top1, cell.lift_identity)
+        assert row.interval("top5") == (tuple(cell.ci["top5"]) if cell.ci.get("top5") else None)
+    assert [row.layer for row in registry.results(run_id, "layer")] == layers
+    assert registry.epochs(run_id) == result.epochs
+
+    finished = registry.resolve(run_id)
+    assert finished.status is RunStatus.FINISHED and finished.error is None
+    assert (finished.test_top1, finished.test_loss, finished.prior_top1, finished.identity_top1) == (
+        result.overall.top1, result.overall.loss, result.overall.prior_top1, result.overall.identity_top1)
+    assert (finished.test_top1_low, finished.test_top1_high) == tuple(result.overall.ci["top1"])
+    assert finished.best_epoch == result.best_epoch and finished.n_test_states == result.overall.n
+    assert finished.n_test_problems == result.data.problems["test"]
+    assert finished.experiment == "default" and finished.lens == "layer" and finished.split == "uniform"
+    assert finished.layers == "all" and finished.config == config.model_dump(mode="json")
+    assert finished.started_at.tzinfo is not None and finished.started_at <= finished.ended_at
+    assert abs(finished.started_at - datetime.now(UTC)) < timedelta(minutes=5)
+    as_json = finished.to_json()
+    assert json.loads(json.dumps(as_json)) == as_json and as_json["status"] == "FINISHED"
+    assert datetime.fromisoformat(as_json["started_at"]) == finished.started_at
+
+    with pytest.raises(RegistryError, match="is not in the results database"):
+        registry.results("0" * 32, "position")
+    with pytest.raises(RegistryError, match="unknown breakdown 'row'; choose one of: layer, position, cell"):
+        registry.results(run_id, "row")  # type: ignore[arg-type]
+    with pytest.raises(RegistryError, match="already in the results database"):
+        start(registry, config, run_id)
+
+
+def test_resolve_by_id_prefix_name_mlflow_id_and_latest(registry: Registry, config: ExperimentConfig) -> None:
+    first = start(registry, config, "abcd1" + "0" * 27, name="alpha")
+    second = start(registry, config, "abcd2" + "0" * 27, name="beta")
+    newest_alpha = start(registry, config, name="alpha")
+    registry.set_mlflow_run_id(second, "f00dfeed" * 4)
+
+    assert registry.resolve(first).id == first
+    assert registry.resolve(first.upper()).id == first
+    assert registry.resolve("abcd1").id == first
+    assert registry.resolve("alpha").id == newest_alpha  # a name means its latest run
+    assert registry.resolve("f00dfeed" * 4).id == second
+    assert registry.resolve("latest").id == newest_alpha
+    with pytest.raises(RegistryError) as ambiguous:
+        registry.resolve("abcd")
+    message = str(ambiguous.value)
+    assert "ambiguous" in message and "(alpha)" in message and "(beta)" in message
+    for unknown in ("nope", "abc", "ffff"):
+        with pytest.raises(RegistryError, match="RUN may be a run id, a unique id prefix of 4\\+ characters, "
+                                                "a run name, an MLflow run id, or 'latest'"):
+            registry.resolve(unknown)
+    with pytest.raises(RegistryError, match="is not in the results database"):
+        registry.set_mlflow_run_id("0" * 32, "x")
+
+
+def test_resolve_latest_on_an_empty_database(registry: Registry) -> None:
+    with pytest.raises(RegistryError, match="holds no runs yet"):
+        registry.resolve("latest")
+
+
+def test_list_runs_filters_and_sorting(registry: Registry, result: RunResult) -> None:
+    low = record(registry, result, name="low", top1=None)
+    high = record(registry, result.model_copy(update={"overall": result.overall.model_copy(update={"top1": 0.9})}),
+                  name="high", config_update={"lens": "layer-position", "experiment": "other"}, sweep_id=7,
+                  trial_number=0)
+    running = start(registry, ExperimentConfig.model_validate({**result.config, "target": "last"}), name="running")
+
+    ids = lambda runs: [run.id for run in runs]  # noqa: E731
+    assert ids(registry.list_runs()) == [running, high.run_id, low.run_id]  # newest first
+    assert ids(registry.list_runs(descending=False)) == [low.run_id, high.run_id, running]
+    # Sorting by a metric puts runs without it (still running) last, either way.
+    assert ids(registry.list_runs(sort="test_top1")) == [high.run_id, low.run_id, running]
+    assert ids(registry.list_runs(sort="test_top1", descending=False)) == [low.run_id, high.run_id, running]
+    assert ids(registry.list_runs(lens="layer-position")) == [high.run_id]
+    assert ids(registry.list_runs(experiment="other")) == [high.run_id]
+    assert ids(registry.list_runs(target="last")) == [running]
+    assert ids(registry.list_runs(split="uniform", status="finished")) == [high.run_id, low.run_id]
+    assert ids(registry.list_runs(status="RUNNING")) == [running]
+    assert ids(registry.list_runs(sweep_id=7)) == [high.run_id]
+    assert ids(registry.list_runs(limit=1)) == [running]
+    assert registry.list_runs(since=datetime.now(UTC) + timedelta(hours=1)) == []
+    assert len(registry.list_runs(since=datetime.now() - timedelta(days=1))) == 3  # naive: taken as UTC
+    with pytest.raises(RegistryError, match="cannot sort runs by 'speed'; choose one of: started_at, test_top1"):
+        registry.list_runs(sort="speed")
+    with pytest.raises(RegistryError, match="unknown run status 'done'; choose one of: RUNNING, FINISHED"):
+        registry.list_runs(status="done")
+
+
+def test_best_picks_the_right_run_per_position(db_url: str, registry: Registry, result: RunResult) -> None:
+    # Each of three runs is best at two positions; a run that is not FINISHED, and one of another lens,
+    # would beat them all but must not count.
+    a = record(registry, result, name="a", top1=[0.9, 0.8, 0.1, 0.1, 0.1, 0.1])
+    b = record(registry, result, name="b", top1=[0.1, 0.1, 0.9, 0.8, 0.1, 0.1])
+    c = record(registry, result, name="c", top1=[0.2, 0.2, 0.2, 0.2, 0.7, 0.95])
+    failed = record(registry, result, name="failed", top1=[1.0] * 6)
+    sql(db_url, "UPDATE ctexp_runs SET status = 'FAILED' WHERE id = :id", id=failed.run_id)
+    other = record(registry, result, name="other-lens", top1=[1.0] * 6, config_update={"lens": "layer-position"})
+
+    best = registry.best(by="position", lens="layer")
+    assert [(row.position, row.run_name, row.value) for row in best] == [
+        (0, "a", 0.9), (1, "a", 0.8), (2, "b", 0.9), (3, "b", 0.8), (4, "c", 0.7), (5, "c", 0.95)]
+    row = best[5]
+    assert (row.run_id, row.lens, row.experiment, row.n, row.metric) == (c.run_id, "layer", "default",
+                                                                          result.by_position[5].n, "top1")
+    assert (row.low, row.high) == tuple(result.by_position[5].ci["top1"])
+    assert {row.run_id for row in registry.best(by="position")} == {other.run_id}
+    assert registry.best(by="position", experiment="missing") == []
+    assert all(row.run_id in (a.run_id, b.run_id, c.run_id) for row in registry.best(by="position", lens="layer"))
+
+    cells = registry.best(by="cell", metric="loss", lens="layer")
+    assert len(cells) == len(result.by_cell)  # equal losses: ties go to the earliest run
+    assert {row.run_id for row in cells} == {a.run_id}
+    assert len(registry.best(by="layer", metric="top5")) == len(result.by_layer)
+    with pytest.raises(RegistryError, match="unknown metric 'top3'; choose one of: loss, top1, top5, top10"):
+        registry.best(by="position", metric="top3")
+
+
+def test_end_run_killed_keeps_epochs(registry: Registry, result: RunResult, config: ExperimentConfig) -> None:
+    run_id = start(registry, config)
+    registry.record_epoch(run_id, result.epochs[0])
+    registry.end_run(run_id, RunStatus.KILLED, "interrupted")
+    run = registry.resolve(run_id)
+    assert (run.status, run.error) == (RunStatus.KILLED, "interrupted") and run.ended_at is not None
+    assert registry.epochs(run_id) == result.epochs[:1]
+    with pytest.raises(ValueError, match="use finish_run"):
+        registry.end_run(run_id, RunStatus.FINISHED)
+
+
+def test_mark_stale_runs(db_url: str, registry: Registry, config: ExperimentConfig) -> None:
+    stale, alive = start(registry, config), start(registry, config)
+    an_hour_ago = (datetime.now(UTC) - timedelta(hours=1)).replace(tzinfo=None)
+    sql(db_url, "UPDATE ctexp_runs SET heartbeat_at = :at WHERE id = :id", at=an_hour_ago, id=stale)
+    registry.heartbeat(alive)
+    assert registry.mark_stale_runs(older_than_s=600) == [stale]
+    assert registry.mark_stale_runs(older_than_s=600) == []
+    run = registry.resolve(stale)
+    assert (run.status, run.error, run.ended_at) == (RunStatus.FAILED, "heartbeat lost", run.heartbeat_at)
+    assert registry.resolve(alive).status is RunStatus.RUNNING
+
+
+def test_delete_cascades(db_url: str, registry: Registry, result: RunResult) -> None:
+    kept, deleted = record(registry, result), record(registry, result)
+    registry.delete_run(deleted.run_id)
+    for table in CTEXP_TABLES - {"ctexp_experiments", "ctexp_runs"}:
+        assert sql(db_url, f"SELECT COUNT(*) FROM {table} WHERE run_id = :id", id=deleted.run_id) == [(0,)], table
+        assert sql(db_url, f"SELECT COUNT(*) FROM {table} WHERE run_id = :id", id=kept.run_id)[0][0] > 0, table
+    assert sql(db_url, "SELECT COUNT(*) FROM ctexp_experiments") == [(1,)]  # both runs share one experiment
+    with pytest.raises(RegistryError, match="is not in the results database"):
+        registry.delete_run(deleted.run_id)
+    with pytest.raises(RegistryError, match="is not in the results database"):
+        registry.finish_run(deleted)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Concurrency
+
+def open_and_record(url: str, result: RunResult, barrier: Any, error_path: Path) -> None:
+    """A worker process: wait for the others, then open the registry (upgrading it) and record a run."""
+    try:
+        barrier.wait(timeout=60)  # all eight meet the fresh database at once
+        run = result.model_copy(update={"run_id": new_id()})
+        with Registry(url) as registry:
+            registry.start_run(run.run_id, run.name, ExperimentConfig.model_validate(run.config), store_hash="h",
+                               store_path=None, device="cpu", code_version="test")
+            for epoch in run.epochs:
+                registry.record_epoch(run.run_id, epoch)
+            registry.finish_run(run)
+    except BaseException:
+        error_path.write_text(traceback.format_exc())
+        os._exit(1)
+    os._exit(0)  # skip the parent's (pytest's) exit handlers in the forked child
+
+
+def test_eight_processes_on_a_fresh_database_all_land(db_url: str, result: RunResult, tmp_path: Path) -> None:
+    # Forked, so the workers start in milliseconds instead of importing ctexp for a second each.
+    context = multiprocessing.get_context("fork")
+    barrier = context.Barrier(8)
+    workers = [context.Process(target=open_and_record, args=(db_url, result, barrier, tmp_path / f"{index}.err"))
+               for index in range(8)]
+    for worker in workers:
+        worker.start()
+    for index, worker in enumerate(workers):
+        worker.join(timeout=120)
+        error = tmp_path / f"{index}.err"
+        assert worker.exitcode == 0, error.read_text() if error.exists() else worker.exitcode
+    with Registry(db_url) as registry:
+        runs = registry.list_runs()
+        assert len(runs) == 8 and {run.status for run in runs} == {RunStatus.FINISHED}
+        assert {run.experiment for run in runs} == {"default"}
+    cells = len(result.by_cell) * 8
+    assert sql(db_url, "SELECT COUNT(*) FROM ctexp_cell_results") == [(cells,)]
+    assert sql(db_url, "SELECT COUNT(*) FROM ctexp_experiments") == [(1,)]
+    assert sql(db_url, f"SELECT version_num FROM {VERSION_TABLE}") == [("0001_initial",)]
+
+
+def test_eight_threads_sharing_one_registry_all_land(db_url: str, result: RunResult) -> None:
+    # A run's heartbeat thread writes beside its main thread; sweeps may run trials in threads.
+    with Registry(db_url) as registry:
+        def work(index: int) -> str:
+            run = record(registry, result, name=f"thread-{index}")
+            registry.heartbeat(run.run_id)
+            return run.run_id
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            ids = list(pool.map(work, range(8)))
+        assert sorted(run.id for run in registry.list_runs(status="FINISHED")) == sorted(ids)
