@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from fractions import Fraction
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 

@@ -17,13 +17,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from typer.core import TyperGroup
 
+from ctexp.cli_options import experiment_options
 from ctexp.config import (
-    AdapterKind,
-    DeviceChoice,
     EmptyPolicy,
-    LensKind,
     SplitRule,
-    Subset,
     TargetRule,
     WorldConfig,
     build_config,
@@ -105,36 +102,10 @@ ConfigOption = Annotated[Path | None, typer.Option("--config", help="Experiment 
 
 
 @app.command()
+@experiment_options()
 def run(
     config_file: ConfigOption = None,
-    store: Annotated[str | None, typer.Option(help="Activation store directory (default: the embedded world).")] = None,
-    lens: Annotated[LensKind | None, typer.Option(help="Translators: identity, layer, layer-position, position, global.")] = None,
-    adapter: Annotated[AdapterKind | None, typer.Option(help="Position context for shared lenses: none, bias, lowrank.")] = None,
-    adapter_rank: Annotated[int | None, typer.Option(help="Rank of the lowrank adapter.")] = None,
-    split: Annotated[str | None, typer.Option(help="uniform, or weighted:w0,...,w5 (largest remainder).")] = None,
-    empty: Annotated[EmptyPolicy | None, typer.Option(help="Positions with no token: skip or nearest.")] = None,
-    target: Annotated[TargetRule | None, typer.Option(help="first, middle, last, informative or all.")] = None,
-    layers: Annotated[str | None, typer.Option(help="Hidden-state indices: all, 15, 0-7,15.")] = None,
-    positions: Annotated[str | None, typer.Option(help="CT positions: all, 2-3, 0,5.")] = None,
-    subset: Annotated[Subset | None, typer.Option(help="Problems by answer correctness: all, correct, incorrect.")] = None,
-    tokenizer: Annotated[str | None, typer.Option(help="CoT tokenizer: builtin, tiktoken:NAME, hf:PATH (default: the store's).")] = None,
-    val_fraction: Annotated[float | None, typer.Option(help="Share of problems for validation.")] = None,
-    test_fraction: Annotated[float | None, typer.Option(help="Share of problems for test.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed for splits, initialisation and batches.")] = None,
-    device: Annotated[DeviceChoice | None, typer.Option(help="auto, cpu or cuda.")] = None,
-    name: Annotated[str | None, typer.Option(help="Run name.")] = None,
-    experiment: Annotated[str | None, typer.Option(help="Experiment name grouping runs [default].")] = None,
-    lr: Annotated[float | None, typer.Option(help="AdamW learning rate [1e-3].")] = None,
-    weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay [1e-3].")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Training states per step [32].")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Maximum epochs [50].")] = None,
-    patience: Annotated[int | None, typer.Option(help="Early-stopping patience on validation loss [5].")] = None,
-    clip: Annotated[float | None, typer.Option(help="Gradient-norm clip [1.0].")] = None,
-    world_seed: Annotated[int | None, typer.Option(help="Embedded world: seed.")] = None,
-    world_problems: Annotated[int | None, typer.Option(help="Embedded world: number of problems [600].")] = None,
-    world_layers: Annotated[int | None, typer.Option(help="Embedded world: transformer layers [8].")] = None,
-    world_hidden: Annotated[int | None, typer.Option(help="Embedded world: hidden size [64].")] = None,
-    world_noise: Annotated[float | None, typer.Option(help="Embedded world: noise scale [1.0].")] = None,
+    overrides: dict[str, Any] | None = None,
     home: Annotated[Path | None, typer.Option(help="ctexp home: runs, results database, MLflow store [$CTEXP_HOME or ./mlruns].")] = None,
     db_url: Annotated[str | None, typer.Option(help="Results database URL [$CTEXP_DB_URL or HOME/ctexp.db].")] = None,
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI [$MLFLOW_TRACKING_URI or HOME/mlflow.db].")] = None,
@@ -145,16 +116,7 @@ def run(
 
     Example: ctexp run --lens layer-position --split weighted:0.5,1,2,2,1,0.5 --target first
     """
-    overrides = {
-        "store": store, "lens": lens, "adapter": adapter, "adapter_rank": adapter_rank, "split": split,
-        "empty": empty, "target": target, "layers": layers, "positions": positions, "subset": subset,
-        "tokenizer": tokenizer, "val_fraction": val_fraction, "test_fraction": test_fraction, "seed": seed,
-        "device": device, "name": name, "experiment": experiment, "train.lr": lr, "train.weight_decay": weight_decay,
-        "train.batch_size": batch_size, "train.epochs": epochs, "train.patience": patience, "train.clip": clip,
-        "world.seed": world_seed, "world.problems": world_problems, "world.layers": world_layers,
-        "world.hidden": world_hidden, "world.noise": world_noise,
-    }
-    config = build_config(config_file, {k: v.value if hasattr(v, "value") else v for k, v in overrides.items()})
+    config = build_config(config_file, overrides or {})
     if dry_run:
         _dump({"config": config.model_dump(mode="json"), "config_hash": config.config_hash()})
         return
@@ -262,9 +224,15 @@ def align(
     _stdout().print(alignment_table(view.problems, view.tokenizer))
 
 
+from ctexp.commands_compare import register as _register_compare  # noqa: E402
+from ctexp.commands_extract import register as _register_extract  # noqa: E402
 from ctexp.commands_registry import register as _register_registry  # noqa: E402
+from ctexp.commands_sweep import register as _register_sweep  # noqa: E402
 
+_register_extract(app)
 _register_registry(app)
+_register_sweep(app)
+_register_compare(app)
 
 
 def main() -> None:

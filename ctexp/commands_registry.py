@@ -87,7 +87,7 @@ def runs(
     lens: LensFilter = None,
     split: SplitFilter = None,
     target: TargetFilter = None,
-    status: Annotated[str | None, typer.Option(help="RUNNING, FINISHED, FAILED or KILLED.")] = None,
+    status: Annotated[str | None, typer.Option(help="RUNNING, FINISHED, FAILED, KILLED or PRUNED.")] = None,
     since: Annotated[str | None, typer.Option(help="Started since: 2026-11-30, 12h, 7d.")] = None,
     sweep: Annotated[int | None, typer.Option(help="Only trials of this sweep id.")] = None,
     sort: Annotated[str, typer.Option(help="started_at or a headline metric (test_top1, test_loss, ...).")] = "started_at",

@@ -55,3 +55,17 @@ class TrackingError(CtexpError):
     """The MLflow tracking server or store cannot be reached or refuses a write."""
 
     exit_code = 9
+
+
+class ModelError(CtexpError):
+    """A model checkpoint or base model directory that cannot be loaded or does not fit together."""
+
+    exit_code = 10
+
+
+class Interrupted(CtexpError):
+    """A run stopped by Ctrl-C (exit 130) or SIGTERM (exit 143), after it was recorded as KILLED."""
+
+    def __init__(self, message: str, exit_code: int = 130) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -7,9 +7,6 @@ call; it returns a ``RunResult`` and writes the run directory atomically.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -21,13 +18,13 @@ import torch
 
 from ctexp.config import DeviceChoice, ExperimentConfig, LensKind
 from ctexp.dataset import AlignedDataset, build_dataset
-from ctexp.errors import DeviceError, StoreError
-from ctexp.home import default_home
+from ctexp.errors import DeviceError
 from ctexp.evaluate import StateScores, breakdown, pick_samples, prediction_rows, prior_scores
+from ctexp.home import default_home
 from ctexp.lens import Head, Lens
 from ctexp.result import BaselineResult, DataSummary, EpochMetrics, GroupMetrics, RunResult, StoreInfo
 from ctexp.sources.world import build_world
-from ctexp.store import Store, apply_umask, load_store
+from ctexp.store import Store, atomic_directory, load_store
 from ctexp.tokenizers import Tokenizer, load_tokenizer
 from ctexp.train import SplitTensors, evaluate_split, train_lens
 
@@ -204,23 +201,12 @@ def write_run_dir(
     result: RunResult, lens: Lens, dataset: AlignedDataset, table: StateScores, home: Path
 ) -> Path:
     """Write ``home/runs/<run_id>/`` atomically: config, metrics, predictions, lens weights."""
-    runs = Path(home) / "runs"
-    final = runs / result.run_id
-    try:
-        runs.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{result.run_id}.tmp-", dir=runs))
-        apply_umask(staging)
-    except OSError as error:
-        raise StoreError(f"cannot write the run directory under {runs}: {error.strerror}") from None
-    try:
+    final = Path(home).resolve() / "runs" / result.run_id
+    with atomic_directory(final, "run directory") as staging:
         (staging / "config.json").write_text(json.dumps(result.config, indent=2) + "\n", encoding="utf-8")
         (staging / "result.json").write_text(result.model_dump_json(indent=2) + "\n", encoding="utf-8")
         with (staging / "predictions.jsonl").open("w", encoding="utf-8") as handle:
             for row in prediction_rows(table, dataset.layers, dataset.aligned):
                 handle.write(json.dumps(row) + "\n")
         lens.save(staging, dataset.layers)
-        os.replace(staging, final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return final

@@ -48,6 +48,9 @@ class EpochMetrics(_Model):
     val_top1: float
     val_top5: float
     val_top10: float
+    val_position_top1: dict[int, float] = Field(
+        default_factory=dict, description="validation top-1 by position (not stored in SQL; kept in result.json)"
+    )
     seconds: float
 
 

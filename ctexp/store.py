@@ -21,11 +21,13 @@ half-written store.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -120,35 +122,58 @@ def write_store(store: Store, out: Path, force: bool = False) -> Path:
         StoreError: ``out`` exists (and ``force`` is off) or cannot be written.
     """
     out = Path(out).resolve()  # so that "." has a real name and parent
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not force:
-            raise StoreError(f"{out} already exists; choose another --out or pass --force to replace it")
-        if not (out / "meta.json").is_file():
-            raise StoreError(f"{out} is not an activation store; --force only replaces a store, choose another --out")
+    check_out(out, force)
     sealed = seal(store)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        apply_umask(staging)
-    except OSError as error:
-        raise StoreError(f"cannot write store to {out}: {error.strerror}") from None
-    try:
+    with atomic_directory(out, "store") as staging:
         save_file({"hidden": sealed.hidden.contiguous()}, str(staging / "hidden.safetensors"))
         save_file({k: v.contiguous() for k, v in head_tensors(sealed).items()}, str(staging / "head.safetensors"))
         with (staging / "problems.jsonl").open("w", encoding="utf-8") as handle:
             for problem in sealed.problems:
                 handle.write(problem.model_dump_json() + "\n")
         (staging / "meta.json").write_text(sealed.meta.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    return out
+
+
+def check_out(out: Path, force: bool) -> None:
+    """Refuse to overwrite anything but a store, and a store only with ``force``.
+
+    Raises:
+        StoreError: ``out`` exists and may not be replaced.
+    """
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not force:
+            raise StoreError(f"{out} already exists; choose another --out or pass --force to replace it")
+        if not (out / "meta.json").is_file():
+            raise StoreError(f"{out} is not an activation store; --force only replaces a store, choose another --out")
+
+
+@contextlib.contextmanager
+def atomic_directory(out: Path, what: str) -> Iterator[Path]:
+    """Yield a temporary sibling of ``out`` to fill; on success it replaces ``out`` in one rename.
+
+    On any error (or interrupt) the temporary directory is removed and ``out`` is left as it was, so a
+    reader never sees a half-written directory.
+
+    Raises:
+        StoreError: the directory cannot be created or written.
+    """
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        apply_umask(staging)
+    except OSError as error:
+        raise StoreError(f"cannot write the {what} {out}: {error.strerror}") from None
+    try:
+        yield staging
         if out.exists():
             shutil.rmtree(out)
         os.replace(staging, out)
     except OSError as error:
         shutil.rmtree(staging, ignore_errors=True)
-        raise StoreError(f"cannot write store to {out}: {error.strerror or error}") from None
+        raise StoreError(f"cannot write the {what} {out}: {error.strerror or error}") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return out
 
 
 def apply_umask(directory: Path) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import sqlite3
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,12 +32,39 @@ def assert_one_line_error(result, exit_code: int, *fragments: str) -> str:
     return lines[0]
 
 
+@functools.cache
+def _template_home() -> Path:
+    """A home whose results database and MLflow store already have their schemas.
+
+    Creating MLflow's SQLite schema takes seconds of CPU; a test that needs a fresh home gets a copy
+    of this one instead. (Schema creation itself is tested on truly fresh homes elsewhere.)
+    """
+    from ctexp.registry.db import Registry
+    from ctexp.registry.tracking import Tracker
+
+    home = Path(tempfile.mkdtemp(prefix="ctexp-template-home-"))
+    Registry(f"sqlite:///{home}/ctexp.db").close()
+    Tracker(f"sqlite:///{home}/mlflow.db").search("default")
+    return home
+
+
+def seed_home(home: Path) -> None:
+    """Give an empty home the template's databases (consistent copies via SQLite's backup API)."""
+    if (home / "ctexp.db").exists():
+        return
+    home.mkdir(parents=True, exist_ok=True)
+    for name in ("ctexp.db", "mlflow.db"):
+        with sqlite3.connect(_template_home() / name) as source, sqlite3.connect(home / name) as target:
+            source.backup(target)
+
+
 class Cli:
     """Runs ``ctexp`` in-process with a temporary home."""
 
     def __init__(self, home: Path) -> None:
         self.home = home
         self.runner = CliRunner()
+        seed_home(home)
 
     def __call__(self, *args: str, code: int = 0):
         result = self.runner.invoke(app, list(args), env={"CTEXP_HOME": str(self.home), "COLUMNS": "200"})
@@ -57,10 +87,16 @@ def cli(tmp_path: Path) -> Cli:
 
 
 @pytest.fixture(scope="session")
-def default_runs(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], dict]:
+def science_cli(tmp_path_factory: pytest.TempPathFactory) -> Cli:
+    """The home that ``default_runs`` records its runs in (for commands that read them back)."""
+    return Cli(tmp_path_factory.mktemp("science-home"))
+
+
+@pytest.fixture(scope="session")
+def default_runs(science_cli: Cli) -> Callable[[str], dict]:
     """Full default-world runs by lens kind, computed once per session (they take ~10 s each)."""
     cache: dict[str, dict] = {}
-    cli = Cli(tmp_path_factory.mktemp("science-home"))
+    cli = science_cli
 
     def get(lens: str) -> dict:
         if lens not in cache:

@@ -30,24 +30,26 @@ from sqlalchemy.engine import make_url
 from ctexp.config import ExperimentConfig, build_config
 from ctexp.errors import RegistryError
 from ctexp.experiment import run_experiment
-from ctexp.registry.db import Registry, mask_url, resolve_db_url
+from ctexp.registry.db import Registry, SweepRecord, make_engine, mask_url, resolve_db_url
 from ctexp.registry.models import (
     RESULT_TABLES,
     VERSION_TABLE,
     Base,
     GroupMetricsColumns,
     RunStatus,
+    SweepStatus,
     metric_column_names,
 )
-from ctexp.result import RunResult
+from ctexp.result import EpochMetrics, RunResult
 
 POSTGRES_URL = os.environ.get("CTEXP_TEST_POSTGRES_URL")
 needs_postgres = pytest.mark.skipif(
     not POSTGRES_URL, reason="set CTEXP_TEST_POSTGRES_URL to a PostgreSQL database URL to run PostgreSQL tests"
 )
 SMALL = {"world.problems": 120, "world.layers": 2, "world.hidden": 16, "train.epochs": 2}
+HEAD = "0002_sweeps"
 CTEXP_TABLES = {
-    "ctexp_experiments", "ctexp_runs", "ctexp_epochs", "ctexp_layer_results", "ctexp_position_results",
+    "ctexp_sweeps", "ctexp_experiments", "ctexp_runs", "ctexp_epochs", "ctexp_layer_results", "ctexp_position_results",
     "ctexp_cell_results",
 }
 
@@ -126,6 +128,21 @@ def record(registry: Registry, result: RunResult, *, name: str = "run", top1: li
     return copy
 
 
+def open_sweep(registry: Registry, result: RunResult, name: str = "sweep-a") -> SweepRecord:
+    record, _ = registry.open_sweep(
+        name=name, study_name=name, storage="/tmp/optuna.journal", experiment="default", objective="val_top1",
+        direction="maximize", sampler="tpe", pruner="median", n_trials=4,
+        search_space={"train.lr": {"kind": "float", "low": 1e-4, "high": 1e-2, "log": True}},
+        base_config=result.config,
+    )
+    return record
+
+
+def as_stored(epochs: list[EpochMetrics]) -> list[EpochMetrics]:
+    """Epochs as the database holds them: per-position validation top-1 stays in result.json."""
+    return [epoch.model_copy(update={"val_position_top1": {}}) for epoch in epochs]
+
+
 def sql(url: str, query: str, **params: object) -> list[tuple]:
     engine = create_engine(url)
     try:
@@ -146,7 +163,7 @@ def ctexp_only(name: str | None, type_: str, parent_names: dict) -> bool:
 
 def test_schema_from_empty_is_exactly_the_models(db_url: str) -> None:
     with Registry(db_url) as registry:
-        assert registry.current_revision() == registry.head_revision() == "0001_initial"
+        assert registry.current_revision() == registry.head_revision() == HEAD
     engine = create_engine(db_url)
     try:
         with engine.connect() as connection:
@@ -190,8 +207,8 @@ def test_shares_a_database_with_optuna(db_url: str, result: RunResult, optuna_fi
     for name in (["before"] if optuna_first else []) + ["after"]:
         assert len(optuna.load_study(study_name=name, storage=db_url).trials) == 2
     optuna_versions = sql(db_url, "SELECT version_num FROM alembic_version")
-    assert len(optuna_versions) == 1 and optuna_versions[0][0] != "0001_initial"
-    assert sql(db_url, f"SELECT version_num FROM {VERSION_TABLE}") == [("0001_initial",)]
+    assert len(optuna_versions) == 1 and optuna_versions[0][0] not in ("0001_initial", HEAD)
+    assert sql(db_url, f"SELECT version_num FROM {VERSION_TABLE}") == [(HEAD,)]
 
 
 def test_downgrade_removes_only_ctexp_tables_and_old_database_needs_upgrade(db_url: str) -> None:
@@ -205,10 +222,10 @@ def test_downgrade_removes_only_ctexp_tables_and_old_database_needs_upgrade(db_u
             left = set(inspect(connection).get_table_names())
         engine.dispose()
     assert not (left & CTEXP_TABLES) and "studies" in left
-    with pytest.raises(RegistryError, match=r"behind this ctexp \(head 0001_initial\); run `ctexp db upgrade`"):
+    with pytest.raises(RegistryError, match=rf"behind this ctexp \(head {HEAD}\); run `ctexp db upgrade`"):
         Registry(db_url, upgrade=False)
     with Registry(db_url) as registry:  # upgrade=True brings it back
-        assert registry.current_revision() == "0001_initial"
+        assert registry.current_revision() == HEAD
     assert optuna.load_study(study_name="kept", storage=db_url) is not None
 
 
@@ -225,7 +242,7 @@ def test_newer_schema_revision_is_refused(db_url: str) -> None:
         with pytest.raises(RegistryError) as caught:
             Registry(db_url, upgrade=upgrade)
         message = str(caught.value)
-        assert "schema revision 9999_future, newer than this ctexp (head 0001_initial); upgrade ctexp" in message
+        assert f"schema revision 9999_future, newer than this ctexp (head {HEAD}); upgrade ctexp" in message
         assert "\n" not in message
 
 
@@ -273,7 +290,7 @@ def test_round_trip_of_a_real_run(db_url: str, registry: Registry, result: RunRe
     assert running.status is RunStatus.RUNNING and running.ended_at is None and running.test_top1 is None
     registry.record_epoch(run_id, result.epochs[0])
     registry.record_epoch(run_id, result.epochs[0])  # recording an epoch again replaces it
-    assert registry.epochs(run_id) == result.epochs[:1]
+    assert registry.epochs(run_id) == as_stored(result.epochs[:1])
     registry.finish_run(result)
     registry.finish_run(result)  # finishing again (a retry) replaces, never duplicates
 
@@ -299,7 +316,7 @@ def test_round_trip_of_a_real_run(db_url: str, registry: Registry, result: RunRe
             cell.n, cell.loss, cell.top10, prior_cell.top1, cell.lift_identity)
         assert row.interval("top5") == (tuple(cell.ci["top5"]) if cell.ci.get("top5") else None)
     assert [row.layer for row in registry.results(run_id, "layer")] == layers
-    assert registry.epochs(run_id) == result.epochs
+    assert registry.epochs(run_id) == as_stored(result.epochs)
 
     finished = registry.resolve(run_id)
     assert finished.status is RunStatus.FINISHED and finished.error is None
@@ -354,9 +371,10 @@ def test_resolve_latest_on_an_empty_database(registry: Registry) -> None:
 
 
 def test_list_runs_filters_and_sorting(registry: Registry, result: RunResult) -> None:
+    sweep_id = open_sweep(registry, result).id
     low = record(registry, result, name="low", top1=None)
     high = record(registry, result.model_copy(update={"overall": result.overall.model_copy(update={"top1": 0.9})}),
-                  name="high", config_update={"lens": "layer-position", "experiment": "other"}, sweep_id=7,
+                  name="high", config_update={"lens": "layer-position", "experiment": "other"}, sweep_id=sweep_id,
                   trial_number=0)
     running = start(registry, ExperimentConfig.model_validate({**result.config, "target": "last"}), name="running")
 
@@ -371,7 +389,7 @@ def test_list_runs_filters_and_sorting(registry: Registry, result: RunResult) ->
     assert ids(registry.list_runs(target="last")) == [running]
     assert ids(registry.list_runs(split="uniform", status="finished")) == [high.run_id, low.run_id]
     assert ids(registry.list_runs(status="RUNNING")) == [running]
-    assert ids(registry.list_runs(sweep_id=7)) == [high.run_id]
+    assert ids(registry.list_runs(sweep_id=sweep_id)) == [high.run_id]
     assert ids(registry.list_runs(limit=1)) == [running]
     assert registry.list_runs(since=datetime.now(UTC) + timedelta(hours=1)) == []
     assert len(registry.list_runs(since=datetime.now() - timedelta(days=1))) == 3  # naive: taken as UTC
@@ -416,7 +434,7 @@ def test_end_run_killed_keeps_epochs(registry: Registry, result: RunResult, conf
     registry.end_run(run_id, RunStatus.KILLED, "interrupted")
     run = registry.resolve(run_id)
     assert (run.status, run.error) == (RunStatus.KILLED, "interrupted") and run.ended_at is not None
-    assert registry.epochs(run_id) == result.epochs[:1]
+    assert registry.epochs(run_id) == as_stored(result.epochs[:1])
     with pytest.raises(ValueError, match="use finish_run"):
         registry.end_run(run_id, RunStatus.FINISHED)
 
@@ -436,7 +454,7 @@ def test_mark_stale_runs(db_url: str, registry: Registry, config: ExperimentConf
 def test_delete_cascades(db_url: str, registry: Registry, result: RunResult) -> None:
     kept, deleted = record(registry, result), record(registry, result)
     registry.delete_run(deleted.run_id)
-    for table in CTEXP_TABLES - {"ctexp_experiments", "ctexp_runs"}:
+    for table in CTEXP_TABLES - {"ctexp_sweeps", "ctexp_experiments", "ctexp_runs"}:
         assert sql(db_url, f"SELECT COUNT(*) FROM {table} WHERE run_id = :id", id=deleted.run_id) == [(0,)], table
         assert sql(db_url, f"SELECT COUNT(*) FROM {table} WHERE run_id = :id", id=kept.run_id)[0][0] > 0, table
     assert sql(db_url, "SELECT COUNT(*) FROM ctexp_experiments") == [(1,)]  # both runs share one experiment
@@ -485,7 +503,7 @@ def test_eight_processes_on_a_fresh_database_all_land(db_url: str, result: RunRe
     cells = len(result.by_cell) * 8
     assert sql(db_url, "SELECT COUNT(*) FROM ctexp_cell_results") == [(cells,)]
     assert sql(db_url, "SELECT COUNT(*) FROM ctexp_experiments") == [(1,)]
-    assert sql(db_url, f"SELECT version_num FROM {VERSION_TABLE}") == [("0001_initial",)]
+    assert sql(db_url, f"SELECT version_num FROM {VERSION_TABLE}") == [(HEAD,)]
 
 
 def test_eight_threads_sharing_one_registry_all_land(db_url: str, result: RunResult) -> None:
@@ -499,3 +517,103 @@ def test_eight_threads_sharing_one_registry_all_land(db_url: str, result: RunRes
         with ThreadPoolExecutor(max_workers=8) as pool:
             ids = list(pool.map(work, range(8)))
         assert sorted(run.id for run in registry.list_runs(status="FINISHED")) == sorted(ids)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sweeps (revision 0002)
+
+
+def test_sweeps_open_link_update_list_and_count_their_runs(db_url: str, registry: Registry, result: RunResult,
+                                                           config: ExperimentConfig) -> None:
+    sweep = open_sweep(registry, result)
+    again = open_sweep(registry, result)
+    assert again.id == sweep.id and again.status is SweepStatus.RUNNING and again.ended_at is None
+    assert sweep.search_space["train.lr"]["log"] is True and sweep.base_config == result.config
+    assert registry.set_sweep_parent(sweep.id, "parent-1") == "parent-1"
+    assert registry.set_sweep_parent(sweep.id, "parent-2") == "parent-1"  # the first one recorded wins
+
+    finished = record(registry, result, name="t1", sweep_id=sweep.id, trial_number=1)
+    running = start(registry, config, name="t0", sweep_id=sweep.id, trial_number=0)
+    pruned = start(registry, config, name="t2", sweep_id=sweep.id, trial_number=2)
+    registry.record_epoch(pruned, result.epochs[0])
+    registry.end_run(pruned, RunStatus.PRUNED, "pruned at epoch 1")
+    assert [run.trial_number for run in registry.list_trials(sweep.id)] == [0, 1, 2]
+    assert [run.id for run in registry.list_trials(sweep.id)] == [running, finished.run_id, pruned]
+    assert registry.resolve(pruned).status is RunStatus.PRUNED and registry.epochs(pruned) == as_stored(result.epochs[:1])
+    assert registry.list_runs(status="pruned")[0].id == pruned
+
+    done = registry.update_sweep(sweep.id, status="FINISHED", best_trial_number=1, best_value=0.5, n_trials=3)
+    assert (done.status, done.best_trial_number, done.best_value, done.n_trials) == (SweepStatus.FINISHED, 1, 0.5, 3)
+    assert done.ended_at is not None and done.mlflow_parent_run_id == "parent-1"
+    assert done.runs == {"RUNNING": 1, "FINISHED": 1, "PRUNED": 1}
+    assert registry.update_sweep(sweep.id, status="RUNNING").ended_at is None
+    assert registry.sweep(str(sweep.id)).name == "sweep-a"
+    other = open_sweep(registry, result, name="sweep-b")
+    assert [s.name for s in registry.list_sweeps()] == ["sweep-b", "sweep-a"]
+    assert registry.list_sweeps(limit=1)[0].id == other.id and other.runs == {}
+    assert registry.list_sweeps(experiment="nope") == []
+    as_json = done.to_json()
+    assert json.loads(json.dumps(as_json)) == as_json and as_json["status"] == "FINISHED"
+
+    with pytest.raises(RegistryError, match="no sweep named 'missing'"):
+        registry.sweep("missing")
+    with pytest.raises(ValueError, match="cannot update"):
+        registry.update_sweep(sweep.id, objective="val_loss")
+    with pytest.raises(RegistryError, match="no sweep named '999'"):
+        registry.update_sweep(999, status="STOPPED")
+    with pytest.raises(RegistryError, match="refused"):
+        start(registry, config, sweep_id=999, trial_number=0)  # the foreign key holds
+    engine = make_engine(db_url)  # ctexp's engine: SQLite enforces foreign keys on it
+    with engine.begin() as connection:
+        connection.execute(text("DELETE FROM ctexp_sweeps WHERE id = :id"), {"id": sweep.id})
+    engine.dispose()
+    assert {run.sweep_id for run in registry.list_runs()} == {None}  # ON DELETE SET NULL keeps the runs
+
+
+def test_many_workers_opening_one_sweep_get_one_row(registry: Registry, result: RunResult) -> None:
+    def work(_: int) -> tuple[int, bool]:
+        record, created = registry.open_sweep(
+            name="raced", study_name="raced", storage="s", experiment="default", objective="val_top1",
+            direction="maximize", sampler="tpe", pruner="median", n_trials=4, search_space={},
+            base_config=result.config,
+        )
+        return record.id, created
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        outcomes = list(pool.map(work, range(8)))
+    assert len({sweep_id for sweep_id, _ in outcomes}) == 1
+    assert sum(created for _, created in outcomes) == 1
+
+
+def test_upgrade_from_0001_keeps_every_row_and_downgrade_turns_pruned_into_killed(
+    db_url: str, result: RunResult, config: ExperimentConfig,
+) -> None:
+    with Registry(db_url) as registry:
+        sweep = open_sweep(registry, result)
+        kept = record(registry, result, name="kept", sweep_id=sweep.id, trial_number=0)
+        pruned = start(registry, config, name="pruned", sweep_id=sweep.id, trial_number=1)
+        registry.record_epoch(pruned, result.epochs[0])
+        registry.end_run(pruned, RunStatus.PRUNED, "pruned")
+    cells = sql(db_url, "SELECT COUNT(*) FROM ctexp_cell_results")[0][0]
+    assert cells == len(result.by_cell)
+
+    engine = create_engine(db_url)  # a plain engine: SQLite's foreign keys stay off while tables are copied
+    try:
+        with engine.connect() as connection:
+            command.downgrade(Registry._alembic_config(connection), "0001_initial")
+            connection.commit()
+            assert "ctexp_sweeps" not in inspect(connection).get_table_names()
+    finally:
+        engine.dispose()
+    assert sql(db_url, "SELECT name, status, sweep_id FROM ctexp_runs ORDER BY name") == [
+        ("kept", "FINISHED", None), ("pruned", "KILLED", None)]
+    assert sql(db_url, "SELECT COUNT(*) FROM ctexp_cell_results") == [(cells,)]
+    assert sql(db_url, "SELECT COUNT(*) FROM ctexp_epochs WHERE run_id = :id", id=pruned) == [(1,)]
+
+    with Registry(db_url) as registry:  # upgrades again: every row survives the table copy
+        assert registry.current_revision() == HEAD
+        assert registry.resolve(kept.run_id).test_top1 == kept.overall.top1
+        assert len(registry.results(kept.run_id, "cell")) == len(result.by_cell)
+        registry.end_run(start(registry, config), RunStatus.PRUNED, "pruned")
+    with pytest.raises(Exception, match="(?i)check"):
+        sql(db_url, "UPDATE ctexp_runs SET status = 'BOGUS' WHERE id = :id", id=kept.run_id)

@@ -32,6 +32,7 @@ from sqlalchemy.orm import Session
 
 from ctexp.config import ExperimentConfig
 from ctexp.errors import RegistryError
+from ctexp.locking import file_lock
 from ctexp.registry.models import (
     BASELINES,
     GROUP_KEYS,
@@ -44,6 +45,8 @@ from ctexp.registry.models import (
     Experiment,
     Run,
     RunStatus,
+    Sweep,
+    SweepStatus,
     metric_column_names,
 )
 from ctexp.result import EpochMetrics, GroupMetrics, RunResult
@@ -292,6 +295,38 @@ class BestRow(_Frozen):
     adapter: str
     split: str  # the run's split rule
     target: str
+
+
+class SweepRecord(_Frozen):
+    """One sweep as the registry holds it, with its trials' runs counted by status."""
+
+    id: int
+    name: str
+    study_name: str
+    storage: str
+    experiment: str
+    objective: str
+    direction: str
+    sampler: str
+    pruner: str
+    n_trials: int
+    search_space: dict[str, Any]
+    base_config: dict[str, Any]
+    mlflow_parent_run_id: str | None
+    status: SweepStatus
+    created_at: datetime
+    ended_at: datetime | None
+    best_trial_number: int | None
+    best_value: float | None
+    runs: dict[str, int]  # ctexp runs of its trials by status (FINISHED, PRUNED, FAILED, ...)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (ISO 8601 datetimes, status as its name)."""
+        return self.model_dump(mode="json")
+
+
+# Columns a command may change on an existing sweep (the rest define it and never change).
+SWEEP_UPDATABLE = ("status", "n_trials", "sampler", "pruner", "best_trial_number", "best_value")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -552,7 +587,7 @@ class Registry:
         """Record (or replace) one epoch's metrics, and the run's heartbeat."""
         def work(session: Session) -> None:
             _require_run(session, run_id).heartbeat_at = _now()
-            session.merge(Epoch(run_id=run_id, **epoch.model_dump()))
+            session.merge(_epoch_row(run_id, epoch))
 
         self._write(f"record epoch {epoch.epoch} of run {run_id}", work)
 
@@ -570,7 +605,7 @@ class Registry:
             run = _require_run(session, result.run_id)
             for table in (Epoch, *RESULT_TABLES.values()):
                 session.execute(delete(table).where(table.run_id == run.id))
-            session.add_all(Epoch(run_id=run.id, **epoch.model_dump()) for epoch in result.epochs)
+            session.add_all(_epoch_row(run.id, epoch) for epoch in result.epochs)
             for by, table in RESULT_TABLES.items():
                 rows = _group_rows(result, by)
                 if rows:
@@ -584,17 +619,19 @@ class Registry:
         self._write(f"record the results of run {result.run_id}", work)
 
     def end_run(self, run_id: str, status: RunStatus, error: str | None = None) -> None:
-        """End a run that did not finish: FAILED or KILLED, with the reason. Its epochs are kept.
+        """End a run that did not finish: FAILED, KILLED or PRUNED, with the reason. Its epochs are kept.
 
         A FINISHED run stays finished (so an error after ``finish_run`` cannot undo its results).
 
         Raises:
-            ValueError: ``status`` is not FAILED or KILLED.
+            ValueError: ``status`` is not FAILED, KILLED or PRUNED.
             RegistryError: the run is unknown, or the database fails.
         """
         status = RunStatus(status)
-        if status not in (RunStatus.FAILED, RunStatus.KILLED):
-            raise ValueError(f"end_run takes FAILED or KILLED, not {status.value}; use finish_run for results")
+        if status not in (RunStatus.FAILED, RunStatus.KILLED, RunStatus.PRUNED):
+            raise ValueError(
+                f"end_run takes FAILED, KILLED or PRUNED, not {status.value}; use finish_run for results"
+            )
 
         def work(session: Session) -> None:
             run = _require_run(session, run_id)
@@ -810,12 +847,138 @@ class Registry:
             ]
 
 
+    # -- sweeps ---------------------------------------------------------------------------------------
+
+    def open_sweep(
+        self,
+        *,
+        name: str,
+        study_name: str,
+        storage: str,
+        experiment: str,
+        objective: str,
+        direction: str,
+        sampler: str,
+        pruner: str,
+        n_trials: int,
+        search_space: dict[str, Any],
+        base_config: dict[str, Any],
+    ) -> tuple[SweepRecord, bool]:
+        """The sweep named ``name``, created RUNNING if it is new (safe when many workers race to create it).
+
+        An existing sweep is returned as it is: comparing its definition with the caller's is the
+        caller's business. ``storage`` must already be masked.
+
+        Returns:
+            The sweep, and whether this call created it.
+        """
+        def work(session: Session) -> tuple[int, bool]:
+            found = session.scalar(select(Sweep.id).where(Sweep.name == name))
+            if found is not None:
+                return found, False
+            sweep = Sweep(
+                name=name, study_name=study_name, storage=storage, experiment=experiment, objective=objective,
+                direction=direction, sampler=sampler, pruner=pruner, n_trials=n_trials,
+                search_space_json=search_space, base_config_json=base_config, status=SweepStatus.RUNNING,
+                created_at=_now(),
+            )
+            try:
+                with session.begin_nested():  # losing the race to another worker keeps our transaction
+                    session.add(sweep)
+            except IntegrityError:
+                winner = session.scalar(select(Sweep.id).where(Sweep.name == name))
+                assert winner is not None
+                return winner, False
+            return sweep.id, True
+
+        sweep_id, created = self._write(f"open sweep {name!r}", work)
+        return self.sweep(str(sweep_id)), created
+
+    def set_sweep_parent(self, sweep_id: int, mlflow_run_id: str) -> str:
+        """Record the sweep's parent MLflow run unless another process recorded one first.
+
+        Returns:
+            The parent run id the sweep has now (``mlflow_run_id``, or the one recorded first).
+        """
+        def work(session: Session) -> str:
+            session.execute(
+                update(Sweep).where(Sweep.id == sweep_id, Sweep.mlflow_parent_run_id.is_(None))
+                .values(mlflow_parent_run_id=mlflow_run_id)
+            )
+            current = session.scalar(select(Sweep.mlflow_parent_run_id).where(Sweep.id == sweep_id))
+            if current is None:
+                raise _unknown_sweep(str(sweep_id))
+            return current
+
+        return self._write(f"link sweep {sweep_id} to MLflow", work)
+
+    def update_sweep(self, sweep_id: int, **values: Any) -> SweepRecord:
+        """Change a sweep's status, budget, sampler, pruner or best trial (``SWEEP_UPDATABLE``).
+
+        A status other than RUNNING sets ``ended_at`` to now; RUNNING clears it (a resumed sweep).
+
+        Raises:
+            ValueError: a column that defines the sweep.
+            RegistryError: the sweep is unknown.
+        """
+        unknown = set(values) - set(SWEEP_UPDATABLE)
+        if unknown:
+            raise ValueError(f"cannot update {sorted(unknown)} of a sweep; updatable: {', '.join(SWEEP_UPDATABLE)}")
+        if "status" in values:
+            values["status"] = SweepStatus(values["status"])
+            values["ended_at"] = None if values["status"] is SweepStatus.RUNNING else _now()
+
+        def work(session: Session) -> None:
+            if not session.execute(update(Sweep).where(Sweep.id == sweep_id).values(**values)).rowcount:
+                raise _unknown_sweep(str(sweep_id))
+
+        self._write(f"update sweep {sweep_id}", work)
+        return self.sweep(str(sweep_id))
+
+    def sweep(self, ref: str) -> SweepRecord:
+        """A sweep by name, or by id.
+
+        Raises:
+            RegistryError: no sweep has that name or id.
+        """
+        with self._session(f"find sweep {ref!r}") as session:
+            sweep = session.scalar(select(Sweep).where(Sweep.name == ref))
+            if sweep is None and ref.isdigit():
+                sweep = session.get(Sweep, int(ref))
+            if sweep is None:
+                raise _unknown_sweep(ref)
+            return _sweep_record(sweep, _run_counts(session, [sweep.id]).get(sweep.id, {}))
+
+    def list_sweeps(self, *, experiment: str | None = None, limit: int | None = None) -> list[SweepRecord]:
+        """Sweeps, newest first, each with its trials' runs counted by status."""
+        query = select(Sweep).order_by(Sweep.created_at.desc(), Sweep.id.desc())
+        if experiment is not None:
+            query = query.where(Sweep.experiment == experiment)
+        if limit is not None:
+            query = query.limit(limit)
+        with self._session("list sweeps") as session:
+            sweeps = list(session.scalars(query))
+            counts = _run_counts(session, [sweep.id for sweep in sweeps])
+            return [_sweep_record(sweep, counts.get(sweep.id, {})) for sweep in sweeps]
+
+    def list_trials(self, sweep_id: int) -> list[RunRecord]:
+        """The runs of a sweep's trials, by trial number (a retried trial's runs in start order)."""
+        query = _runs().where(Run.sweep_id == sweep_id).order_by(Run.trial_number, Run.started_at, Run.id)
+        with self._session(f"list the trials of sweep {sweep_id}") as session:
+            return [_record(row) for row in session.execute(query)]
+
+
 class _DatabaseLocked(RegistryError):
     """SQLite stayed locked past its busy timeout: the write may be retried."""
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Helpers
+
+
+def _epoch_row(run_id: str, epoch: EpochMetrics) -> Epoch:
+    """The SQL row of an epoch (per-position validation top-1 stays in result.json)."""
+    return Epoch(run_id=run_id, **epoch.model_dump(exclude={"val_position_top1"}))
 
 
 def _now() -> datetime:
@@ -829,18 +992,11 @@ def _as_utc(moment: datetime) -> datetime:
 @contextlib.contextmanager
 def _file_lock(path: Path, masked_url: str) -> Iterator[None]:
     """An exclusive lock on ``path`` for this process (released on exit, or when the process dies)."""
-    import fcntl  # POSIX only; imported here so that importing the registry works everywhere
-
     try:
-        handle = path.open("a")
+        with file_lock(path):
+            yield
     except OSError as error:
         raise RegistryError(f"cannot create the schema lock {path} of {masked_url}: {error.strerror}") from None
-    with handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager
@@ -889,6 +1045,31 @@ def _require_run(session: Session, run_id: str) -> Run:
 
 def _unknown_run(run_id: str) -> RegistryError:
     return RegistryError(f"run {run_id!r} is not in the results database; give the full id of a recorded run")
+
+
+def _unknown_sweep(ref: str) -> RegistryError:
+    return RegistryError(f"no sweep named {ref!r} in the results database; `ctexp sweeps` lists them")
+
+
+def _run_counts(session: Session, sweep_ids: list[int]) -> dict[int, dict[str, int]]:
+    """Runs per sweep and status, for the given sweeps."""
+    if not sweep_ids:
+        return {}
+    rows = session.execute(
+        select(Run.sweep_id, Run.status, func.count()).where(Run.sweep_id.in_(sweep_ids))
+        .group_by(Run.sweep_id, Run.status)
+    )
+    counts: dict[int, dict[str, int]] = {}
+    for sweep_id, status, count in rows:
+        counts.setdefault(sweep_id, {})[RunStatus(status).value] = count
+    return counts
+
+
+def _sweep_record(sweep: Sweep, runs: dict[str, int]) -> SweepRecord:
+    values = {name: getattr(sweep, name) for name in SweepRecord.model_fields
+              if name not in ("search_space", "base_config", "runs")}
+    return SweepRecord(**values, search_space=sweep.search_space_json, base_config=sweep.base_config_json,
+                       runs=runs)
 
 
 def _status(text: str) -> RunStatus:

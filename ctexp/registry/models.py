@@ -55,6 +55,22 @@ class RunStatus(StrEnum):
     FINISHED = "FINISHED"
     FAILED = "FAILED"
     KILLED = "KILLED"
+    PRUNED = "PRUNED"  # a sweep's pruner stopped it; its epochs are kept, it has no test results
+
+
+class SweepStatus(StrEnum):
+    """A sweep's life cycle, as the last command that worked on it left it."""
+
+    RUNNING = "RUNNING"
+    FINISHED = "FINISHED"  # the study holds its n_trials complete or pruned trials
+    STOPPED = "STOPPED"  # ended early (timeout, Ctrl-C); the same command resumes it
+    FAILED = "FAILED"  # trials kept failing; fix the cause and resume
+
+
+def _status_enum(kind: type[StrEnum], name: str) -> Enum:
+    # VARCHAR + CHECK rather than a native PostgreSQL enum: a later state is a batch ALTER, not a type change.
+    return Enum(kind, name=name, native_enum=False, create_constraint=True, length=16,
+                values_callable=lambda kinds: [k.value for k in kinds])
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -101,6 +117,36 @@ class Experiment(Base):
     created_at: Mapped[datetime]
 
 
+class Sweep(Base):
+    """A hyperparameter search: an Optuna study of one base experiment; its trials are runs.
+
+    ``storage`` is the Optuna storage with any password masked; ``n_trials`` is the number of complete
+    or pruned trials asked for (the latest command's); ``best_*`` is as the last command saw it.
+    """
+
+    __tablename__ = "ctexp_sweeps"
+    __table_args__ = (UniqueConstraint("name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    study_name: Mapped[str] = mapped_column(String(128))
+    storage: Mapped[str]
+    experiment: Mapped[str]
+    objective: Mapped[str] = mapped_column(String(64))
+    direction: Mapped[str] = mapped_column(String(16))
+    sampler: Mapped[str] = mapped_column(String(16))
+    pruner: Mapped[str] = mapped_column(String(16))
+    n_trials: Mapped[int]
+    search_space_json: Mapped[dict[str, Any]]
+    base_config_json: Mapped[dict[str, Any]]
+    mlflow_parent_run_id: Mapped[str | None] = mapped_column(String(64))
+    status: Mapped[SweepStatus] = mapped_column(_status_enum(SweepStatus, "sweep_status"))
+    created_at: Mapped[datetime]
+    ended_at: Mapped[datetime | None]
+    best_trial_number: Mapped[int | None]
+    best_value: Mapped[float | None]
+
+
 class Run(Base):
     """One execution of an experiment: its provenance, status and headline (overall test) metrics."""
 
@@ -117,11 +163,7 @@ class Run(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True)  # ctexp's 32-hex run id
     name: Mapped[str]
     experiment_id: Mapped[int] = mapped_column(ForeignKey("ctexp_experiments.id"))
-    # VARCHAR + CHECK rather than a native PostgreSQL enum: a later state is a batch ALTER, not a type change.
-    status: Mapped[RunStatus] = mapped_column(
-        Enum(RunStatus, name="run_status", native_enum=False, create_constraint=True, length=16,
-             values_callable=lambda kinds: [kind.value for kind in kinds])
-    )
+    status: Mapped[RunStatus] = mapped_column(_status_enum(RunStatus, "run_status"))
     started_at: Mapped[datetime]
     ended_at: Mapped[datetime | None]
     heartbeat_at: Mapped[datetime]
@@ -138,7 +180,7 @@ class Run(Base):
     device: Mapped[str]
     seed: Mapped[int]
     mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
-    sweep_id: Mapped[int | None]  # the sweeps table, and its foreign key, come in a later revision
+    sweep_id: Mapped[int | None] = mapped_column(ForeignKey("ctexp_sweeps.id", ondelete="SET NULL"))
     trial_number: Mapped[int | None]
     error: Mapped[str | None]
     test_top1: Mapped[float | None]

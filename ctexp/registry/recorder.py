@@ -1,10 +1,12 @@
 """Recording a run in both stores: the results database (SQL) and MLflow.
 
 ``tracked_run`` is what ``ctexp run`` and every sweep trial call. The run is RUNNING in both stores
-from its start, its epochs land as they finish, and it ends FINISHED, FAILED or KILLED in both:
-an interrupted or crashed run is never left RUNNING, and keeps its epoch history. A heartbeat thread
-keeps ``heartbeat_at`` fresh so that a run whose process was killed outright (``kill -9``) can be
-told apart and marked FAILED by the next command that opens the registry.
+from its start, its epochs land as they finish, and it ends FINISHED, FAILED or KILLED in both (or
+PRUNED, when a sweep's pruner stops it: PRUNED in SQL, KILLED with the tag ``ctexp.pruned=true`` in
+MLflow, whose run statuses have no such state): an interrupted or crashed run is never left RUNNING,
+and keeps its epoch history. A heartbeat thread keeps ``heartbeat_at`` fresh so that a run whose
+process was killed outright (``kill -9``) can be told apart and marked FAILED by the next command that
+opens the registry.
 
 The SQL row is the commit point: MLflow is finished first, so a FINISHED row always has its MLflow
 run and artifacts.
@@ -20,7 +22,7 @@ from contextlib import contextmanager
 from types import FrameType
 
 from ctexp.config import ExperimentConfig
-from ctexp.errors import CtexpError
+from ctexp.errors import CtexpError, Interrupted
 from ctexp.experiment import RunPlan, plan_run, run_experiment, run_name
 from ctexp.provenance import code_version
 from ctexp.registry.db import Registry
@@ -32,13 +34,22 @@ from ctexp.result import EpochMetrics, RunResult
 HEARTBEAT_SECONDS = 30.0
 
 
+class RunPruned(Exception):
+    """Raised by an epoch callback to stop a run for good: it ends PRUNED, keeping its epochs, untested.
+
+    Unlike ``train.StopTraining`` (which ends training and goes on to the test split), this propagates
+    out of ``Recorder.run`` after the run is marked, so that a sweep can tell its study.
+    """
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread so that a run ends KILLED like on Ctrl-C."""
 
 
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM into ``Terminated`` while the block runs (main thread only)."""
+    """While the block runs (main thread only): SIGTERM raises ``Terminated``, and SIGINT raises
+    ``KeyboardInterrupt`` even where the process was started with SIGINT ignored (a background job)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -46,11 +57,13 @@ def sigterm_as_interrupt() -> Iterator[None]:
     def handler(signum: int, frame: FrameType | None) -> None:
         raise Terminated()
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous_term = signal.signal(signal.SIGTERM, handler)
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous_term)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 class _Heartbeat:
@@ -111,14 +124,19 @@ class Recorder:
         sweep_id: int | None = None,
         trial_number: int | None = None,
         extra_tags: dict[str, str] | None = None,
+        run_id: str | None = None,
     ) -> RunResult:
         """Run one experiment and record it in the results database and MLflow.
 
-        On Ctrl-C or SIGTERM the run ends KILLED (the ``KeyboardInterrupt`` propagates); on any other
+        On Ctrl-C or SIGTERM the run ends KILLED and ``Interrupted`` is raised (exit code 130 or 143);
+        when ``on_epoch`` raises ``RunPruned`` it ends PRUNED and ``RunPruned`` propagates; on any other
         error it ends FAILED and the error propagates.
+
+        ``run_id`` fixes the run's id (default: a new random one), so that a sweep can note it in its
+        trial before the run starts.
         """
         plan = plan or plan_run(config)
-        run_id = uuid.uuid4().hex
+        run_id = run_id or uuid.uuid4().hex
         name = run_name(config, run_id)
         store = plan.prepared.store
         version = code_version()
@@ -171,8 +189,13 @@ def _run_and_record(
             tracker.finish_run(mlflow_run_id, result, locations.home / "runs" / run_id)
             registry.finish_run(result)
             return result
-    except KeyboardInterrupt:
-        _end(registry, tracker, run_id, mlflow_run_id, RunStatus.KILLED, "interrupted")
+    except KeyboardInterrupt as stop:
+        terminated = isinstance(stop, Terminated)
+        how = "terminated (SIGTERM)" if terminated else "interrupted"
+        _end(registry, tracker, run_id, mlflow_run_id, RunStatus.KILLED, how)
+        raise Interrupted(f"{how}: run {run_id[:12]} recorded as KILLED", 143 if terminated else 130) from None
+    except RunPruned as pruned:
+        _end(registry, tracker, run_id, mlflow_run_id, RunStatus.PRUNED, str(pruned) or "pruned")
         raise
     except BaseException as error:
         _end(registry, tracker, run_id, mlflow_run_id, RunStatus.FAILED, f"{type(error).__name__}: {error}")
@@ -182,13 +205,18 @@ def _run_and_record(
 def _end(
     registry: Registry, tracker: Tracker, run_id: str, mlflow_run_id: str | None, status: RunStatus, error: str
 ) -> None:
-    """Mark a run ended in both stores, as far as each can be reached (the original error wins)."""
+    """Mark a run ended in both stores, as far as each can be reached (the original error wins).
+
+    MLflow has no PRUNED status: a pruned run is KILLED there, tagged ``ctexp.pruned=true``.
+    """
     try:
         registry.end_run(run_id, status, error[:2000])
     except CtexpError:
         pass
     if mlflow_run_id is not None:
         try:
-            tracker.end_run(mlflow_run_id, status.value)  # type: ignore[arg-type]
+            if status is RunStatus.PRUNED:
+                tracker.set_tags(mlflow_run_id, {"ctexp.pruned": "true", "ctexp.pruned_reason": error[:500]})
+            tracker.end_run(mlflow_run_id, "KILLED" if status is RunStatus.PRUNED else status.value)  # type: ignore[arg-type]
         except CtexpError:
             pass

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar
 from urllib.parse import unquote, urlparse
 
 from ctexp.errors import TrackingError
+from ctexp.locking import file_lock
 from ctexp.result import EpochMetrics, GroupMetrics, RunResult
 
 if TYPE_CHECKING:
@@ -317,6 +318,43 @@ class Tracker:
         with self._errors(f"mark the run {status}"):
             self._client.set_terminated(mlflow_run_id, status)
 
+    def set_tags(self, mlflow_run_id: str, tags: Mapping[str, str]) -> None:
+        """Set (or overwrite) tags of a run, e.g. ``ctexp.pruned`` or a sweep's best trial.
+
+        Raises:
+            TrackingError: MLflow refused or could not be reached.
+        """
+        from mlflow.entities import RunTag
+
+        with self._errors("set the run's tags"):
+            self._client.log_batch(mlflow_run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()], synchronous=True)
+
+    def log_metrics(self, mlflow_run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+        """Log metrics of a run at ``step`` in one call (a sweep's parent run: best value, trial counts).
+
+        Raises:
+            TrackingError: MLflow refused or could not be reached.
+        """
+        with self._errors("log metrics"):
+            self._client.log_batch(mlflow_run_id, metrics=_metrics(metrics, step=step), synchronous=True)
+
+    def set_status(self, mlflow_run_id: str, status: Literal["RUNNING", "FINISHED", "FAILED", "KILLED"]) -> None:
+        """Set the status of a run that is not a ctexp run of its own (a sweep's parent run).
+
+        RUNNING reopens it (a resumed sweep); the other statuses end it now.
+
+        Raises:
+            ValueError: another status.
+            TrackingError: MLflow refused or could not be reached.
+        """
+        if status not in ("RUNNING", "FINISHED", "FAILED", "KILLED"):
+            raise ValueError(f"unknown MLflow run status {status!r}")
+        with self._errors(f"mark the run {status}"):
+            if status == "RUNNING":
+                self._client.update_run(mlflow_run_id, status="RUNNING")
+            else:
+                self._client.set_terminated(mlflow_run_id, status)
+
     def log_artifact(self, mlflow_run_id: str, path: Path, artifact_path: str | None = None) -> None:
         """Attach a file (or a directory's files) to a run, e.g. a report written later.
 
@@ -336,6 +374,31 @@ class Tracker:
                 self._client.log_artifacts(mlflow_run_id, str(path), folder)
             else:
                 self._client.log_artifact(mlflow_run_id, str(path), folder)
+
+    def download_artifact(self, mlflow_run_id: str, artifact_path: str, directory: Path) -> Path | None:
+        """Download one artifact file of a run (e.g. ``run/predictions.jsonl``) into ``directory``.
+
+        Args:
+            mlflow_run_id: the run.
+            artifact_path: the file's path inside the run's artifacts (no ``..``, not absolute).
+            directory: an existing local directory to download into.
+
+        Returns:
+            The local path of the downloaded file, or None when the run has no such artifact.
+
+        Raises:
+            TrackingError: an escaping ``artifact_path``, or MLflow refused or could not be reached.
+        """
+        path = safe_artifact_path(artifact_path)
+        if path is None:
+            raise TrackingError("download_artifact needs a file path inside the run's artifacts, not '.'")
+        parent = str(PurePosixPath(path).parent)
+        with self._errors(f"download the artifact {path}"):
+            listed = {entry.path for entry in self._client.list_artifacts(mlflow_run_id, None if parent == "." else parent)
+                      if not entry.is_dir}
+            if path not in listed:
+                return None
+            return Path(self._client.download_artifacts(mlflow_run_id, path, str(directory)))
 
     def delete_run(self, mlflow_run_id: str) -> None:
         """Delete a run (MLflow keeps it, marked deleted, until ``mlflow gc``) and its local artifacts.
@@ -397,7 +460,13 @@ class Tracker:
         with self._errors("open the tracking store"):
             from mlflow import MlflowClient
 
-            return MlflowClient(tracking_uri=self.tracking_uri)
+            if self.scheme != "sqlite":
+                return MlflowClient(tracking_uri=self.tracking_uri)
+            # Opening a new SQLite store creates MLflow's schema; processes starting together must not race.
+            store = self._local_store_path()
+            store.parent.mkdir(parents=True, exist_ok=True)
+            with file_lock(store.with_name(store.name + ".lock")):
+                return MlflowClient(tracking_uri=self.tracking_uri)
 
     def _experiment_id(self, name: str) -> str:
         from mlflow.exceptions import MlflowException

@@ -118,6 +118,23 @@ def _build_aug(record: dict[str, Any], problem_id: str) -> Problem:
     return Problem(id=problem_id, question=question, steps=steps, answer=_aug_answer(record, needed))
 
 
+def build_problem(record: dict[str, Any], problem_id: str, kind: str) -> Problem:
+    """Build a Problem from one decoded record, for readers of other containers (e.g. datasets dirs).
+
+    Args:
+        record: The record's fields, as a JSON line would decode.
+        problem_id: The id to give the problem.
+        kind: ``"gsm8k"`` (``question``, ``answer``) or ``"aug"`` (``question``, ``cot``, ``answer``).
+
+    Returns:
+        The problem.
+
+    Raises:
+        SourceError: The record is malformed (the message does not say where; callers add that).
+    """
+    return (_build_aug if kind == "aug" else _build_gsm8k)(record, problem_id)
+
+
 def _unreadable(path: Path, exc: OSError) -> SourceError:
     """Describe an OS error while opening or reading ``path`` as a one-line SourceError."""
     return SourceError(f"{path} cannot be read ({exc.strerror or exc}); pass a readable JSONL file")

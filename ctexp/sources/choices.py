@@ -1,0 +1,19 @@
+"""Choices of the real-data commands, kept free of torch so that the CLI starts fast."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Precision(StrEnum):
+    """The dtype an extraction runs in, and writes the store's hidden states in."""
+
+    BF16 = "bf16"  # what CODI runs in
+    FP32 = "fp32"
+
+
+class NormKind(StrEnum):
+    """The kind of a model's final norm."""
+
+    RMSNORM = "rmsnorm"
+    LAYERNORM = "layernorm"

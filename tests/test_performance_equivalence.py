@@ -1,0 +1,286 @@
+"""The fast training step computes what the straightforward one does.
+
+The step of ``train_lens`` (chunked head cross-entropy with its gradient computed alongside the
+logits, hand-written lens gradients, fused AdamW with clipping folded in, bf16 products where
+chosen) is compared with a plain float32 computation: the lens applied sample by sample, full
+logits, ``log_softmax``, autograd, ``torch.optim.AdamW`` after ``clip_grad_norm_``. Small random
+shapes, every lens kind and adapter, several -1-padded targets per sample, both norms.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ctexp import train
+from ctexp.config import AdapterKind, LensKind, TrainConfig
+from ctexp.lens import Head, Lens, LossTargets, head_cross_entropy, head_loss_and_grad, scores
+from ctexp.store import NormSpec, Store, StoreMeta
+from ctexp.train import FusedAdamW, SplitTensors, TrainStep, batches, evaluate_split, train_lens
+
+B, L, T, D, V, K = 7, 3, 4, 16, 53, 4
+
+KINDS = [
+    (LensKind.GLOBAL, AdapterKind.NONE),
+    (LensKind.GLOBAL, AdapterKind.LOWRANK),
+    (LensKind.LAYER, AdapterKind.NONE),
+    (LensKind.LAYER, AdapterKind.BIAS),
+    (LensKind.LAYER, AdapterKind.LOWRANK),
+    (LensKind.POSITION, AdapterKind.NONE),
+    (LensKind.LAYER_POSITION, AdapterKind.NONE),
+]
+
+
+def make_head(norm: str = "rmsnorm", normed: tuple[int, ...] = (L - 1,), seed: int = 0) -> Head:
+    generator = torch.Generator().manual_seed(seed)
+    meta = StoreMeta(
+        model="test", n_problems=0, n_states=L, n_positions=T, hidden=D, vocab=V, dtype="float32",
+        tokenizer="builtin", norm=NormSpec(kind=norm), normed_states=list(normed),
+    )
+    bias = 0.1 * torch.randn(D, generator=generator) if norm == "layernorm" else None
+    store = Store(meta, torch.empty(0), 1 + 0.1 * torch.randn(D, generator=generator), bias,
+                  torch.randn(V, D, generator=generator), [])
+    return Head(store, list(range(L)))
+
+
+def make_lens(kind: LensKind, adapter: AdapterKind, seed: int = 0) -> Lens:
+    lens = Lens(kind, L, T, D, adapter, rank=3, seed=seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # away from zero, so that every term of the gradient is exercised
+        for p in lens.parameters():
+            p.copy_(0.2 * torch.randn(p.shape, generator=generator))
+    return lens
+
+
+def make_batch(n: int = B, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """States, positions and -1-padded multi-target rows, with a repeated target and an empty row."""
+    generator = torch.Generator().manual_seed(seed)
+    states = torch.randn(n, L, D, generator=generator)
+    position = torch.randint(0, T, (n,), generator=generator)
+    targets = torch.randint(0, V, (n, K), generator=generator)
+    targets[0, 1:] = -1  # one target
+    if n > 1:
+        position[1] = position[0]  # two samples share a position
+    if n > 4:
+        targets[2, 1] = targets[2, 0]  # a token twice
+        targets[3, 2:] = -1
+        targets[4] = -1  # no target at all: loss 0, no gradient
+    return states, position, targets
+
+
+def plain_translate(lens: Lens, h: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """The lens written out sample by sample and layer by layer."""
+    rows = []
+    for i in range(h.shape[0]):
+        t = int(position[i])
+        layers = []
+        for layer in range(h.shape[1]):
+            x = h[i, layer]
+            y = x
+            if lens.kind is LensKind.GLOBAL:
+                y = x + x @ lens.weight + lens.bias
+            elif lens.kind is LensKind.LAYER:
+                y = x + x @ lens.weight[layer] + lens.bias[layer]
+            elif lens.kind is LensKind.POSITION:
+                y = x + x @ lens.weight[t] + lens.bias[t]
+            elif lens.kind is LensKind.LAYER_POSITION:
+                y = x + x @ lens.weight[layer, t] + lens.bias[layer, t]
+            if lens.adapter is AdapterKind.BIAS:
+                y = y + lens.position_bias[t]
+            elif lens.adapter is AdapterKind.LOWRANK:
+                y = y + (x @ lens.adapter_down[t]) @ lens.adapter_up[t]
+            layers.append(y)
+        rows.append(torch.stack(layers))
+    return torch.stack(rows)
+
+
+def plain_loss(head: Head, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-state cross-entropy, the straightforward way: full float32 logits and log_softmax."""
+    eps = head.norm_spec.eps
+    if head.norm_spec.kind == "rmsnorm":
+        normed = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * head.norm_weight
+    else:
+        centered = h - h.mean(-1, keepdim=True)
+        normed = centered * torch.rsqrt(centered.pow(2).mean(-1, keepdim=True) + eps) * head.norm_weight
+        normed = normed + head.norm_bias
+    x = torch.where(head.needs_norm.view(1, -1, 1), normed, h)
+    log_probs = torch.log_softmax(x @ head.unembed.T, dim=-1)  # (B, L, V)
+    valid = (targets >= 0).float()
+    index = targets.clamp(min=0).unsqueeze(1).expand(-1, h.shape[1], -1)
+    picked = log_probs.gather(-1, index) * valid.unsqueeze(1)
+    return -picked.sum(-1) / valid.sum(-1).clamp(min=1).unsqueeze(1)  # (B, L)
+
+
+def plain_grads(lens: Lens, head: Head, states, position, targets) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    loss = plain_loss(head, plain_translate(lens, states, position), targets).mean()
+    return loss.detach(), list(torch.autograd.grad(loss, list(lens.parameters())))
+
+
+def fast_grads(lens: Lens, head: Head, states, position, targets, dtype=torch.float32, chunk=None):
+    """Exactly what ``TrainStep`` does before the optimiser."""
+    extra = {} if chunk is None else {"chunk_elements": chunk}
+    with torch.no_grad():
+        h = lens(states, position)
+        loss, grad = head_loss_and_grad(h, head, LossTargets.of(targets), dtype, mean=True, **extra)
+        lens.write_grads(states, position, grad)
+    return loss, [p.grad.clone() for p in lens.parameters()]
+
+
+def assert_grads_close(got: list[torch.Tensor], want: list[torch.Tensor], rtol: float) -> None:
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape
+        error = float((g - w).norm() / w.norm().clamp(min=1e-12))
+        assert error < rtol, error
+
+
+@pytest.mark.parametrize(("kind", "adapter"), KINDS, ids=lambda v: v.value)
+@pytest.mark.parametrize("norm", ["rmsnorm", "layernorm"])
+@pytest.mark.parametrize("samples", [1, 2, B])  # the layer lens has its own path for 1 or 2 samples
+def test_fast_step_matches_plain_fp32(kind, adapter, norm, samples):
+    head, lens = make_head(norm), make_lens(kind, adapter)
+    states, position, targets = make_batch(samples)
+    want_loss, want = plain_grads(lens, head, states, position, targets)
+    for chunk in (None, 1):  # one chunk; one sample per chunk
+        loss, got = fast_grads(lens, head, states, position, targets, chunk=chunk)
+        torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+        assert_grads_close(got, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("kind", "adapter"), KINDS, ids=lambda v: v.value)
+def test_bf16_products_match_fp32_within_tolerance(kind, adapter):
+    head, lens = make_head(), make_lens(kind, adapter)
+    states, position, targets = make_batch()
+    loss32, grads32 = fast_grads(lens, head, states, position, targets, torch.float32)
+    loss16, grads16 = fast_grads(lens, head, states, position, targets, torch.bfloat16)
+    # bf16 operands carry 8 significant bits: logits of magnitude ~5 move by ~0.02.
+    assert abs(float(loss16 - loss32)) < 0.05 * max(1.0, abs(float(loss32)))
+    assert_grads_close(grads16, grads32, rtol=3e-2)
+
+
+@pytest.mark.parametrize("normed", [(), (1,), (0, 1, 2)])
+@pytest.mark.parametrize("norm", ["rmsnorm", "layernorm"])
+def test_head_cross_entropy_is_the_plain_loss_under_autograd(norm, normed):
+    head = make_head(norm, normed)
+    states, _, targets = make_batch()
+    h = states.clone().requires_grad_()
+    want = plain_loss(head, h, targets)
+    want_grad, = torch.autograd.grad(want.square().sum(), h)  # a non-uniform incoming gradient
+    for chunk in (1 << 24, V * L * 2, 1):
+        got = head_cross_entropy(h, head, targets, chunk_elements=chunk)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        got_grad, = torch.autograd.grad(got.square().sum(), h)
+        assert_grads_close([got_grad], [want_grad], rtol=1e-5)
+    mean = head_cross_entropy(h, head, targets, mean=True)
+    torch.testing.assert_close(mean, want.mean(), rtol=1e-5, atol=1e-6)
+    # And it is the loss that evaluation reports.
+    torch.testing.assert_close(scores(head(states), targets)["loss"], want.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_fused_adamw_is_clip_then_torch_adamw():
+    config = TrainConfig(lr=1e-2, weight_decay=1e-2, clip=1.0)
+    generator = torch.Generator().manual_seed(0)
+    ours = [torch.randn(4, 5, generator=generator), torch.randn(5, generator=generator)]
+    theirs = [p.clone().requires_grad_() for p in ours]
+    ours = [p.requires_grad_() for p in ours]
+    optimizer, reference = FusedAdamW(ours, config), torch.optim.AdamW(theirs, lr=1e-2, weight_decay=1e-2)
+    assert optimizer.fused
+    for i in range(12):
+        scale = 5.0 if i % 2 else 0.05  # clipping on every other step
+        grads = [scale * torch.randn(p.shape, generator=generator) for p in ours]
+        for p, g in zip(ours, grads):
+            p.grad = g.clone()
+        for p, g in zip(theirs, grads):
+            p.grad = g.clone()
+        optimizer.step()
+        torch.nn.utils.clip_grad_norm_(theirs, config.clip)
+        reference.step()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("kind", "adapter"), KINDS, ids=lambda v: v.value)
+def test_train_step_matches_plain_step(kind, adapter):
+    """One full step (loss, gradients, clipping, AdamW) against the plain one."""
+    head = make_head()
+    fast, plain = make_lens(kind, adapter), make_lens(kind, adapter)
+    states, position, targets = make_batch()
+    config = TrainConfig(lr=1e-2, weight_decay=1e-2, clip=0.5)
+    data = SplitTensors(states, position, targets)
+    step = TrainStep(fast, head, data, config, precision="fp32")
+    reference = torch.optim.AdamW(plain.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    for _ in range(3):
+        loss = step(states, position, LossTargets.of(targets))
+        want = plain_loss(head, plain_translate(plain, states, position), targets).mean()
+        reference.zero_grad()
+        want.backward()
+        torch.nn.utils.clip_grad_norm_(plain.parameters(), config.clip)
+        reference.step()
+        torch.testing.assert_close(loss, want.detach(), rtol=1e-5, atol=1e-6)
+    # Adam divides by the gradient's running rms: where a gradient element is rounding noise, so is
+    # its step. Within 5% of one step of size lr, and far tighter on the norm.
+    for a, b in zip(fast.parameters(), plain.parameters()):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=0.05 * config.lr)
+        assert float((a - b).detach().norm() / b.detach().norm()) < 1e-4
+
+
+def _split(n: int, seed: int) -> SplitTensors:
+    states, position, targets = make_batch(n, seed)
+    return SplitTensors(states, position, targets)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cpu_training_is_deterministic(precision):
+    head = make_head()
+    train_split, val_split = _split(40, 1), _split(12, 2)
+    config = TrainConfig(batch_size=3 * L, epochs=3, patience=3, lr=1e-2)
+    runs = []
+    for _ in range(2):
+        lens = make_lens(LensKind.LAYER, AdapterKind.LOWRANK)
+        outcome = train_lens(lens, head, train_split, val_split, config, seed=7, precision=precision)
+        runs.append(([(e.train_loss, e.val_loss, e.val_top1) for e in outcome.epochs], lens.state_dict()))
+    assert runs[0][0] == runs[1][0]
+    for name, value in runs[0][1].items():
+        assert torch.equal(value, runs[1][1][name]), name
+
+
+def test_precision_resolution():
+    head = make_head()
+    cpu = torch.device("cpu")
+    assert train.resolve_dtype("fp32", cpu, head) is torch.float32
+    assert train.resolve_dtype("bf16", cpu, head) is torch.bfloat16
+    assert train.resolve_dtype("auto", cpu, head) is torch.float32  # a small head stays fp32 on CPU
+    with pytest.raises(ValueError):
+        train.resolve_dtype("fp16", cpu, head)
+
+
+def test_evaluation_is_chunked_and_unchanged(monkeypatch):
+    head, lens = make_head(), make_lens(LensKind.LAYER, AdapterKind.NONE)
+    data = _split(23, 3)
+    whole = evaluate_split(lens, head, data)
+    monkeypatch.setattr(train, "EVAL_LOGIT_ELEMENTS", 2 * L * V)  # two samples per batch
+    chunked = evaluate_split(lens, head, data)
+    for key, value in whole.items():
+        torch.testing.assert_close(chunked[key], value)
+
+
+def test_batches_cover_the_epoch_in_order(monkeypatch):
+    data = _split(23, 4)
+    order = torch.randperm(23, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(train, "GATHER_BLOCK_BYTES", 5 * L * D * 4)  # blocks of a few steps
+    seen = list(batches(data, order, 2))
+    assert [len(s) for s, _, _ in seen] == [2] * 11 + [1]
+    states = torch.cat([s for s, _, _ in seen])
+    assert torch.equal(states, data.states[order])
+    assert torch.equal(torch.cat([p for _, p, _ in seen]), data.position[order])
+    prepared = LossTargets.of(data.targets)
+    assert torch.equal(torch.cat([t.index for _, _, t in seen]), prepared.index[order])
+
+
+def test_small_steps_train_on_one_thread_and_restore_the_setting():
+    head = make_head()
+    seen = []
+    before = torch.get_num_threads()
+    train_lens(make_lens(LensKind.LAYER, AdapterKind.NONE), head, _split(8, 5), _split(6, 6),
+               TrainConfig(batch_size=L, epochs=1), seed=0, on_epoch=lambda _: seen.append(torch.get_num_threads()))
+    assert seen == [1]
+    assert torch.get_num_threads() == before
