@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sqlite3
 import tempfile
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from ctexp.cli import app
+
+POSTGRES_URL = os.environ.get("CTEXP_TEST_POSTGRES_URL")
+needs_postgres = pytest.mark.skipif(
+    not POSTGRES_URL, reason="set CTEXP_TEST_POSTGRES_URL to a PostgreSQL database URL to run PostgreSQL tests"
+)
 
 # A world small enough that a run takes about a second: for option coverage, not for science.
 SMALL_WORLD = ["--world-problems", "120", "--world-layers", "2", "--world-hidden", "16", "--epochs", "2"]
@@ -104,3 +111,23 @@ def default_runs(science_cli: Cli) -> Callable[[str], dict]:
         return cache[lens]
 
     return get
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A URL whose connections live in a fresh schema (search_path), dropped with everything in it after."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    assert POSTGRES_URL is not None
+    schema = f"ctexp_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(POSTGRES_URL)
+    with admin.begin() as connection:
+        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        url = make_url(POSTGRES_URL).update_query_dict({"options": f"-csearch_path={schema}"})
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with admin.begin() as connection:
+            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()

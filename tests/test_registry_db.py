@@ -25,7 +25,6 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, inspect, text
-from sqlalchemy.engine import make_url
 
 from ctexp.config import ExperimentConfig, build_config
 from ctexp.errors import RegistryError
@@ -41,11 +40,8 @@ from ctexp.registry.models import (
     metric_column_names,
 )
 from ctexp.result import EpochMetrics, RunResult
+from tests.conftest import needs_postgres
 
-POSTGRES_URL = os.environ.get("CTEXP_TEST_POSTGRES_URL")
-needs_postgres = pytest.mark.skipif(
-    not POSTGRES_URL, reason="set CTEXP_TEST_POSTGRES_URL to a PostgreSQL database URL to run PostgreSQL tests"
-)
 SMALL = {"world.problems": 120, "world.layers": 2, "world.hidden": 16, "train.epochs": 2}
 HEAD = "0002_sweeps"
 CTEXP_TABLES = {
@@ -69,21 +65,6 @@ def result(config: ExperimentConfig, tmp_path_factory: pytest.TempPathFactory) -
     return run_experiment(config, home=tmp_path_factory.mktemp("home"))
 
 
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
-    """A URL whose connections live in a fresh schema (search_path), dropped with everything in it after."""
-    assert POSTGRES_URL is not None
-    schema = f"ctexp_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(POSTGRES_URL)
-    with admin.begin() as connection:
-        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
-    try:
-        url = make_url(POSTGRES_URL).update_query_dict({"options": f"-csearch_path={schema}"})
-        yield url.render_as_string(hide_password=False)
-    finally:
-        with admin.begin() as connection:
-            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=needs_postgres)])

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SMALL_WORLD, Cli
+from tests.conftest import SMALL_WORLD, Cli, needs_postgres
 
 # Enough epochs that a signal reliably arrives mid-training; patience keeps it from stopping early.
 LONG_RUN = ["--world-problems", "200", "--world-layers", "2", "--world-hidden", "16", "--epochs", "400",
@@ -81,15 +81,19 @@ def test_a_run_whose_process_died_is_failed_by_the_next_command(tmp_path: Path):
     assert "heartbeat" in runs[0]["error"]
 
 
-def test_eight_parallel_runs_on_one_fresh_home_all_land(tmp_path: Path):
-    home = tmp_path / "home"
+def _eight_parallel_runs(home: Path, *extra: str) -> None:
     processes = [
-        _ctexp(home, "run", *SMALL_WORLD, "--epochs", "1", "--lens", "identity", "--name", f"parallel-{i}")
+        _ctexp(home, "run", *SMALL_WORLD, "--epochs", "1", "--lens", "identity", "--name", f"parallel-{i}", *extra)
         for i in range(8)
     ]
     for process in processes:
         _, stderr = process.communicate(timeout=300)
         assert process.returncode == 0, stderr
+
+
+def test_eight_parallel_runs_on_one_fresh_home_all_land(tmp_path: Path):
+    home = tmp_path / "home"
+    _eight_parallel_runs(home)
     rows = _query(home, "SELECT name, status FROM ctexp_runs ORDER BY name")
     assert rows == [(f"parallel-{i}", "FINISHED") for i in range(8)]
     assert _query(home, "SELECT count(*) FROM ctexp_cell_results")[0][0] == 8 * 3 * 6
@@ -98,3 +102,19 @@ def test_eight_parallel_runs_on_one_fresh_home_all_land(tmp_path: Path):
     client = MlflowClient(f"sqlite:///{home}/mlflow.db")
     experiment = client.get_experiment_by_name("default")
     assert len(client.search_runs([experiment.experiment_id])) == 8
+
+
+@needs_postgres
+def test_eight_parallel_runs_on_one_fresh_postgresql_database_all_land(tmp_path: Path, postgres_url: str):
+    from sqlalchemy import create_engine, text
+
+    _eight_parallel_runs(tmp_path / "home", "--db-url", postgres_url)
+    engine = create_engine(postgres_url)
+    try:
+        with engine.connect() as connection:
+            rows = connection.execute(text("SELECT name, status FROM ctexp_runs ORDER BY name")).all()
+            cells = connection.execute(text("SELECT count(*) FROM ctexp_cell_results")).scalar_one()
+    finally:
+        engine.dispose()
+    assert [tuple(row) for row in rows] == [(f"parallel-{i}", "FINISHED") for i in range(8)]
+    assert cells == 8 * 3 * 6

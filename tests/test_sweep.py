@@ -15,26 +15,19 @@ import sqlite3
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
 import pytest
 from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
 from ctexp.cli import app
 from ctexp.commands_sweep import register
-from tests.conftest import Cli
+from tests.conftest import Cli, needs_postgres
 
 if "sweep" not in {command.name for command in app.registered_commands}:
     register(app)  # until ctexp.cli registers the sweep commands itself
 
-POSTGRES_URL = os.environ.get("CTEXP_TEST_POSTGRES_URL")
-needs_postgres = pytest.mark.skipif(
-    not POSTGRES_URL, reason="set CTEXP_TEST_POSTGRES_URL to a PostgreSQL database URL to run PostgreSQL tests"
-)
 WORLD = ["--world-problems", "120", "--world-layers", "2", "--world-hidden", "16"]
 SWEEP = [*WORLD, "--epochs", "6", "--patience", "2"]
 MAIN = ["sweep", *SWEEP, "--n-trials", "12", "--workers", "2", "--study", "main", "--seed", "0"]
@@ -248,21 +241,6 @@ def test_unknown_sweep_is_one_line(home: Path) -> None:
 # PostgreSQL: many workers on one storage, a worker killed mid-trial
 
 
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
-    """A URL whose connections live in a fresh schema (search_path), dropped with everything in it after."""
-    assert POSTGRES_URL is not None
-    schema = f"ctexp_sweep_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(POSTGRES_URL)
-    with admin.begin() as connection:
-        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
-    try:
-        url = make_url(POSTGRES_URL).update_query_dict({"options": f"-csearch_path={schema}"})
-        yield url.render_as_string(hide_password=False)
-    finally:
-        with admin.begin() as connection:
-            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
 
 
 def pg_runs(url: str, sweep_name: str) -> list[tuple]:

@@ -114,12 +114,16 @@ def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, str
     return flat
 
 
+CELL_METRICS = ("n", "top1", "top1_low", "top1_high", "lift_identity")
+
+
 def final_metrics(result: RunResult) -> dict[str, float]:
     """The final metrics of a run under MLflow keys; None values are left out.
 
-    Keys: ``test/*`` (overall), ``layer{L}/*``, ``position{P}/*``, ``cell/l{L}_p{P}/*``, each with
-    ``loss``, ``top1``, ``top5``, ``top10``, their ``*_low``/``*_high`` 95% interval ends, ``n``,
-    ``problems``, ``prior_top1``, ``identity_top1``, ``lift_prior``, ``lift_identity``; the baselines
+    Keys: ``test/*`` (overall), ``layer{L}/*`` and ``position{P}/*``, each with ``loss``, ``top1``,
+    ``top5``, ``top10``, their ``*_low``/``*_high`` 95% interval ends, ``n``, ``problems``,
+    ``prior_top1``, ``identity_top1``, ``lift_prior``, ``lift_identity``; ``cell/l{L}_p{P}/*`` with
+    ``n``, ``top1``, its interval and ``lift_identity`` (the SQL tables hold every cell metric); the baselines
     overall as ``prior/*`` and ``identity/*``; and ``run/seconds``, ``run/lens_parameters``,
     ``run/epochs``, ``run/best_epoch``.
 
@@ -134,8 +138,9 @@ def final_metrics(result: RunResult) -> dict[str, float]:
         metrics.update(_group_metrics(f"layer{row.layer}", row))
     for row in result.by_position:
         metrics.update(_group_metrics(f"position{row.position}", row))
-    for row in result.by_cell:
-        metrics.update(_group_metrics(f"cell/l{row.layer}_p{row.position}", row))
+    for row in result.by_cell:  # cells: top-1 and its interval only (the SQL tables hold the rest)
+        cell = _group_metrics(f"cell/l{row.layer}_p{row.position}", row)
+        metrics.update({key: value for key, value in cell.items() if key.rsplit("/", 1)[1] in CELL_METRICS})
     for name, baseline in result.baselines.items():
         metrics.update(_group_metrics(name, baseline.overall))
     run = {
