@@ -4,9 +4,11 @@ Shape (``../shared/reference/cot-alignment-experiment.md``): hidden 2048, vocab 
 6 positions, a ``layer`` lens, batches of 32 training states (2 samples x 16 layers). Random data:
 throughput does not depend on the values. In one process and one run it measures
 
-  (a) ctexp: training states per second of ``ctexp.train.TrainStep``, the step ``train_lens`` runs
-      (gather by index, all translators in one batched product, chunked head cross-entropy, fused
-      AdamW, clipping), in the dtype ``train_lens`` would pick (``--precision auto``);
+  (a) ctexp: training states per second of ``ctexp.train.TrainStep``, the step ``train_lens`` runs,
+      on batches from ``ctexp.train.batches`` (slices of blocks gathered by index; all translators
+      in one batched product; loss and its gradient computed with the logits, in chunks; lens
+      gradients without autograd; fused AdamW with clipping), in the dtype and with the CPU threads
+      ``train_lens`` would use (``--precision auto``; ``OMP_NUM_THREADS`` sets the threads);
   (b) floor: the unembedding products alone at the same batch and dtype, the logits
       ``[rows, d] @ [d, V]`` and the gradient back to the input ``[rows, V] @ [V, d]``;
   (c) reference: the straightforward version: one ``nn.Linear`` per layer called in a Python loop,
@@ -206,15 +208,15 @@ def _reference_time(head: Head, data: SplitTensors, per_step: int, steps: int, d
         optimizer.step()
         return float(loss.detach())
 
-    batches = iter(loader)
+    items = iter(loader)
     times: list[float] = []
     for i in range(steps + 1):  # the first is the warm-up
         started = time.perf_counter()
         try:
-            states, target = next(batches)
+            states, target = next(items)
         except StopIteration:
-            batches = iter(loader)
-            states, target = next(batches)
+            items = iter(loader)
+            states, target = next(items)
         step(states.to(device), target.to(device))
         _sync(device)
         if i:
@@ -222,7 +224,8 @@ def _reference_time(head: Head, data: SplitTensors, per_step: int, steps: int, d
     return statistics.median(times)
 
 
-def _full(head: Head, hidden: int, vocab: int, layers: int, batch_size: int, precision: str, device) -> None:
+def _full(head: Head, hidden: int, vocab: int, layers: int, batch_size: int, precision: str,
+          device: torch.device) -> None:
     """The reference's full size: 76,800 training states, 8 epochs, validation each epoch."""
     samples = FULL_STATES // layers
     train, val = _split(samples, layers, hidden, vocab, device), _split(samples // 4, layers, hidden, vocab, device)

@@ -173,13 +173,18 @@ class Lens(nn.Module):
         every = torch.einsum("bld,ltde->blte", h, self.weight) + self.bias  # (B, L, T, d)
         return every[rows, :, position]
 
-    def write_grads(self, h: torch.Tensor, position: torch.Tensor, grad_out: torch.Tensor) -> None:
+    def write_grads(self, h: torch.Tensor, position: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor | None:
         """Set each parameter's ``.grad`` to the gradient of ``(self(h, position) * grad_out).sum()``.
 
         The training step's backward, without autograd: a few batched products per lens kind, no
         graph, no Python work per layer, position or sample, and the ``.grad`` buffers are reused from
         step to step (``out=``) instead of allocated. ``h`` (the input states) is a constant. Terms
         indexed by position are summed with a one-hot matrix product (deterministic, no atomics).
+
+        Returns the squared norm of all the gradients where the factors give it more cheaply than a
+        pass over them (for clipping): a layer lens with large translators and few samples a step,
+        whose layer-l weight gradient H_l^T G_l has squared norm sum((H_l H_l^T) * (G_l G_l^T)), B x B
+        products instead of reading L x d x d. Else None.
         """
         batch, n_layers, hidden = h.shape
         g = grad_out
@@ -216,6 +221,12 @@ class Lens(nn.Module):
             torch.mm(onehot_t, per_up.reshape(batch, -1), out=_grad(self.adapter_up).view(self.n_positions, -1))
             per_down = torch.bmm(h.transpose(1, 2), torch.bmm(g, up.transpose(1, 2)))  # (B, d, r)
             torch.mm(onehot_t, per_down.reshape(batch, -1), out=_grad(self.adapter_down).view(self.n_positions, -1))
+        if self.kind is LensKind.LAYER and self.weight.numel() >= GRAM_NORM_MIN_ELEMENTS and 8 * batch <= hidden:
+            h_t, g_t = h.transpose(0, 1), g.transpose(0, 1)  # (L, B, d)
+            grams = torch.bmm(h_t, h_t.transpose(1, 2)) * torch.bmm(g_t, g_t.transpose(1, 2))  # (L, B, B)
+            others = [p.grad for p in self.parameters() if p is not self.weight]  # small: read directly
+            return grams.sum() + torch.stack([torch.linalg.vector_norm(x).square() for x in others]).sum()
+        return None
 
     def spec(self) -> dict[str, object]:
         return {
@@ -234,6 +245,9 @@ class Lens(nn.Module):
             save_file(tensors, str(directory / "lens.safetensors"))
         spec = {**self.spec(), "layers": layers}
         (directory / "lens.json").write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
+
+
+GRAM_NORM_MIN_ELEMENTS = 1 << 22  # translator weights from which ``write_grads`` returns the norm from the factors
 
 
 def _grad(param: torch.Tensor) -> torch.Tensor:

@@ -124,15 +124,21 @@ class FusedAdamW:
         else:
             self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
-    def step(self) -> None:
-        """Clip the gradients' global norm to ``clip`` and take one AdamW step. No host synchronisation."""
+    def step(self, squared_norm: torch.Tensor | None = None) -> None:
+        """Clip the gradients' global norm to ``clip`` and take one AdamW step. No host synchronisation.
+
+        ``squared_norm``: the gradients' squared global norm where already known (else computed here).
+        """
         if not self.fused:
             torch.nn.utils.clip_grad_norm_(self.params, self.max_norm, foreach=True)
             self.optimizer.step()
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        norms = torch._foreach_norm(grads)  # what clip_grad_norm_ computes, in one call
-        norm = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
+        if squared_norm is not None:
+            norm = squared_norm.sqrt()
+        else:
+            norms = torch._foreach_norm(grads)  # what clip_grad_norm_ computes, in one call
+            norm = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
         # clip_grad_norm_ multiplies by min(1, max_norm / (norm + 1e-6)); the kernel divides by its inverse.
         divisor = norm.add_(1e-6).div_(self.max_norm).clamp_(min=1.0)
         self.count.add_(1)
@@ -162,8 +168,8 @@ class TrainStep:
         with torch.no_grad():
             h = self.lens(states, position)
             loss, grad = head_loss_and_grad(h, self.head, targets, self.dtype, mean=True)
-            self.lens.write_grads(states, position, grad)
-        self.optimizer.step()
+            squared_norm = self.lens.write_grads(states, position, grad)
+        self.optimizer.step(squared_norm)
         return loss
 
 

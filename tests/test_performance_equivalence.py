@@ -146,6 +146,23 @@ def test_fast_step_matches_plain_fp32(kind, adapter, norm, samples):
         assert_grads_close(got, want, rtol=1e-5)
 
 
+@pytest.mark.parametrize("adapter", [AdapterKind.NONE, AdapterKind.BIAS, AdapterKind.LOWRANK], ids=lambda v: v.value)
+@pytest.mark.parametrize("samples", [1, 2])
+def test_gradient_norm_from_the_factors(monkeypatch, adapter, samples):
+    """Large layer lenses return the gradients' squared norm from Gram matrices; it is the norm."""
+    from ctexp import lens as lens_module
+
+    monkeypatch.setattr(lens_module, "GRAM_NORM_MIN_ELEMENTS", 0)
+    head, lens = make_head(), make_lens(LensKind.LAYER, adapter)
+    states, position, targets = make_batch(samples)
+    with torch.no_grad():
+        _, grad = head_loss_and_grad(lens(states, position), head, targets, mean=True)
+        squared = lens.write_grads(states, position, grad)
+    assert squared is not None
+    direct = sum(float(p.grad.square().sum()) for p in lens.parameters())
+    assert float(squared) == pytest.approx(direct, rel=1e-5)
+
+
 @pytest.mark.parametrize(("kind", "adapter"), KINDS, ids=lambda v: v.value)
 def test_bf16_products_match_fp32_within_tolerance(kind, adapter):
     head, lens = make_head(), make_lens(kind, adapter)
@@ -191,7 +208,8 @@ def test_fused_adamw_is_clip_then_torch_adamw():
             p.grad = g.clone()
         for p, g in zip(theirs, grads):
             p.grad = g.clone()
-        optimizer.step()
+        # The squared norm handed in (as a layer lens gives it) or computed by the optimiser.
+        optimizer.step(sum(g.square().sum() for g in grads) if i % 3 == 0 else None)
         torch.nn.utils.clip_grad_norm_(theirs, config.clip)
         reference.step()
     for a, b in zip(ours, theirs):
@@ -199,11 +217,15 @@ def test_fused_adamw_is_clip_then_torch_adamw():
 
 
 @pytest.mark.parametrize(("kind", "adapter"), KINDS, ids=lambda v: v.value)
-def test_train_step_matches_plain_step(kind, adapter):
+@pytest.mark.parametrize("samples", [2, B])
+def test_train_step_matches_plain_step(monkeypatch, kind, adapter, samples):
     """One full step (loss, gradients, clipping, AdamW) against the plain one."""
+    from ctexp import lens as lens_module
+
+    monkeypatch.setattr(lens_module, "GRAM_NORM_MIN_ELEMENTS", 0)  # the clipping norm from the factors, too
     head = make_head()
     fast, plain = make_lens(kind, adapter), make_lens(kind, adapter)
-    states, position, targets = make_batch()
+    states, position, targets = make_batch(samples)
     config = TrainConfig(lr=1e-2, weight_decay=1e-2, clip=0.5)
     data = SplitTensors(states, position, targets)
     step = TrainStep(fast, head, data, config, precision="fp32")
