@@ -51,10 +51,11 @@ class CtexpGroup(TyperGroup):
                 raise
             typer.echo(f"Error: {error}", err=True)
             code = error.exit_code
-        except (KeyboardInterrupt, typer.Abort) as stop:
-            terminated = type(stop).__name__ == "Terminated"  # SIGTERM, see registry.recorder
-            typer.echo(f"Error: {'terminated' if terminated else 'interrupted'}", err=True)
-            code = 143 if terminated else 130
+        except (KeyboardInterrupt, typer.Abort):
+            # Ctrl-C outside a run. Inside one, the recorder ends the run KILLED and raises Interrupted
+            # (130, or 143 for SIGTERM), a CtexpError handled above.
+            typer.echo("Error: interrupted", err=True)
+            code = 130
         except Exception as error:  # a bug: still one line, unless --debug
             if debug:
                 raise

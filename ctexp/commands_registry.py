@@ -21,7 +21,6 @@ from rich.table import Table
 
 from ctexp.errors import ConfigError, RegistryError
 from ctexp.registry.locations import Locations
-from ctexp.result import GroupMetrics
 
 HomeOption = Annotated[Path | None, typer.Option("--home", help="ctexp home [$CTEXP_HOME or ./mlruns].")]
 DbOption = Annotated[str | None, typer.Option("--db-url", help="Results database URL [$CTEXP_DB_URL or HOME/ctexp.db].")]
@@ -56,16 +55,6 @@ def parse_since(text: str) -> datetime:
     except ValueError:
         raise ConfigError(f"--since {text!r} is not a date; use 2026-11-30, 2026-11-30T08:00, 90m, 12h or 7d") from None
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
-def as_group(row) -> GroupMetrics:  # row: ResultRow
-    """A registry result row in the shape the run tables use."""
-    return GroupMetrics(
-        layer=row.layer, position=row.position, n=row.n, problems=row.problems, loss=row.loss, top1=row.top1,
-        top5=row.top5, top10=row.top10, ci={m: row.interval(m) for m in ("loss", "top1", "top5", "top10")},
-        prior_top1=row.prior_top1, identity_top1=row.identity_top1, lift_prior=row.lift_prior,
-        lift_identity=row.lift_identity,
-    )
 
 
 def register(app: typer.Typer) -> None:
@@ -155,11 +144,11 @@ def show(run: RunArgument, home: HomeOption = None, db_url: DbOption = None, as_
         stopped = len(epochs) < record.config.get("train", {}).get("epochs", len(epochs) + 1)
         console.print(epochs_table(epochs, record.best_epoch, stopped))
     if tables["layer"]:
-        console.print(breakdown_table("Performance by layer (test)", "layer", [as_group(r) for r in tables["layer"]]))
+        console.print(breakdown_table("Performance by layer (test)", "layer", [r.as_group_metrics() for r in tables["layer"]]))
         console.print(
-            breakdown_table("Performance by position (test)", "position", [as_group(r) for r in tables["position"]])
+            breakdown_table("Performance by position (test)", "position", [r.as_group_metrics() for r in tables["position"]])
         )
-        console.print(grid_table([as_group(r) for r in tables["cell"]]))
+        console.print(grid_table([r.as_group_metrics() for r in tables["cell"]]))
 
 
 def best(

@@ -3,6 +3,10 @@
 Figures are built on ``matplotlib.figure.Figure`` directly, never through ``pyplot``: pyplot keeps
 a global registry of open figures and a global backend, which a library called from sweeps and
 tests must not touch. ``Figure.savefig`` renders PNGs with Agg without selecting a backend.
+
+Margins are set in inches (``_margins``) rather than by ``tight_layout``: tight layout draws every
+figure once more to measure its text, which made rendering the three figures ~1.5x slower, and the
+figures' text is known in advance (short tick labels, one-line titles and axis labels).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ def layer_position_heatmap(result: RunResult) -> Figure:
             grid[layers.index(row.layer)][positions.index(row.position)] = row.top1
 
     # Size follows the grid so that annotations stay legible from 1x1 to ~33x16 cells.
-    figure = Figure(figsize=(min(2.5 + 0.9 * len(positions), 16), min(1.8 + 0.45 * len(layers), 16)))
+    figure = Figure(figsize=(min(max(5.5, 2.5 + 0.9 * len(positions)), 16), min(max(3.0, 1.8 + 0.45 * len(layers)), 16)))
     axes = figure.add_subplot()
     finite = [value for line in grid for value in line if not math.isnan(value)]
     top = max(finite, default=1.0) or 1.0  # a run with top-1 = 0 everywhere still needs a scale
@@ -54,8 +58,9 @@ def layer_position_heatmap(result: RunResult) -> Figure:
     axes.set_xlabel("position")
     axes.set_ylabel("layer")
     axes.set_title(f"Test top-1 by layer and position, {_lens(result)} lens")
-    figure.colorbar(image, ax=axes, label="top-1")
-    figure.tight_layout()
+    _margins(figure, right=0.15)
+    # The colorbar (with its tick labels and label, ~0.9 in) takes its room from the axes.
+    figure.colorbar(image, ax=axes, label="top-1", fraction=0.9 / figure.get_figwidth(), pad=0.02)
     return figure
 
 
@@ -85,7 +90,7 @@ def position_bars(result: RunResult) -> Figure:
     axes.set_ylim(0.0, min(1.0, max(highs, default=0.0) * 1.15 + 0.05))
     axes.set_title(f"Test top-1 by position, {_lens(result)} lens")
     axes.legend(fontsize=8, loc="upper left")
-    figure.tight_layout()
+    _margins(figure)
     return figure
 
 
@@ -121,7 +126,7 @@ def training_curves(result: RunResult) -> Figure:
     loss_axes.set_ylabel("cross-entropy")
     top1_axes.set_ylabel("top-1")
     figure.suptitle(f"Training, {_lens(result)} lens")
-    figure.tight_layout()
+    _margins(figure, top=0.55, wspace_in=0.9)
     return figure
 
 
@@ -141,9 +146,24 @@ def save_figures(result: RunResult, directory: Path) -> list[Path]:
     for name, build in ((HEATMAP_FILE, layer_position_heatmap), (POSITIONS_FILE, position_bars),
                         (CURVES_FILE, training_curves)):
         path = directory / name
-        build(result).savefig(path, dpi=DPI, format="png")
+        # zlib level 1: files ~13% larger than the default level 6, and ~15 ms less per run's figures.
+        build(result).savefig(path, dpi=DPI, format="png", pil_kwargs={"compress_level": 1})
         written.append(path)
     return written
+
+
+def _margins(
+    figure: Figure, left: float = 0.75, right: float = 0.25, bottom: float = 0.6, top: float = 0.45,
+    wspace_in: float = 0.0,
+) -> None:
+    """Fixed margins in inches (room for tick labels, axis labels and a title), whatever the figure size."""
+    width, height = figure.get_size_inches()
+    axes_count = max(len(figure.axes), 1)
+    axes_width = (width - left - right - wspace_in * (axes_count - 1)) / axes_count
+    figure.subplots_adjust(
+        left=left / width, right=1 - right / width, bottom=bottom / height, top=1 - top / height,
+        wspace=wspace_in / axes_width if axes_count > 1 else None,
+    )
 
 
 def _lens(result: RunResult) -> str:

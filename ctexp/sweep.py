@@ -16,7 +16,8 @@ Dead workers: a trial whose worker died (``kill -9``, a lost machine) is failed 
 same parameters (``RetryHeartbeatStaleTrialCallback``, as a WAITING trial), never left RUNNING. It is
 found dead when its worker process, on this machine, is gone; when its ctexp run is no longer RUNNING
 (the registry fails runs whose heartbeat is 5 minutes old, on any machine); or, with an RDB storage,
-by Optuna's own heartbeat (JournalStorage has none in Optuna 5). Its ctexp run is marked FAILED.
+by Optuna's own heartbeat (JournalStorage has none in Optuna 5). Its ctexp run is marked FAILED
+(``sweep_recovery``; the storages and the lock are in ``sweep_storage``).
 
 The objective of a trial is its value at its best epoch (lowest validation loss: the checkpoint early
 stopping keeps, which ``ctexp run --config best.toml`` reproduces), never the test split. Each epoch
@@ -33,12 +34,10 @@ import multiprocessing
 import os
 import queue as queue_module
 import re
-import socket
 import tempfile
 import time
 import uuid
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,9 +46,18 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ctexp.config import ExperimentConfig, LensKind, parse_index_spec, to_toml
 from ctexp.errors import ConfigError, CtexpError, Interrupted, RegistryError
-from ctexp.registry.locations import STALE_AFTER_SECONDS, Locations
+from ctexp.registry.locations import Locations
 from ctexp.result import EpochMetrics
 from ctexp.search import SearchSpace, apply_overrides
+from ctexp.sweep_recovery import RUN_ATTR, WORKER_ATTR, WorkerId, recover
+from ctexp.sweep_storage import (
+    SweepLock,
+    mask_storage,
+    open_storage,
+    quiet_optuna,
+    resolve_storage,
+    storage_kind,
+)
 
 if TYPE_CHECKING:
     import optuna
@@ -57,12 +65,8 @@ if TYPE_CHECKING:
     from ctexp.experiment import Prepared
     from ctexp.registry.db import Registry, RunRecord, SweepRecord
     from ctexp.registry.recorder import Recorder
-    from ctexp.registry.tracking import Tracker
 
 DEFAULT_N_TRIALS = 20
-HEARTBEAT_S = 30  # Optuna's RDB heartbeat ...
-GRACE_S = 120  # ... and how long a trial may miss it before it is failed and retried
-MAX_RETRIES = 2  # a trial whose worker died is retried this often
 MAX_CONSECUTIVE_FAILURES = 3  # a worker stops after this many failed trials in a row ...
 MAX_CONSECUTIVE_INVALID = 20  # ... or this many trials whose values made no valid experiment
 INTERRUPTED_CODES = (130, 143)  # Ctrl-C, SIGTERM
@@ -70,7 +74,7 @@ POLL_S = 1.0  # how often an idle worker, or the launcher, looks at the study
 TOP_TRIALS = 5
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 # Trial user attributes written by ctexp (shown by optuna-dashboard, too).
-WORKER_ATTR, RUN_ATTR, OVERRIDES_ATTR, ERROR_ATTR = "ctexp_worker", "ctexp_run_id", "ctexp_overrides", "ctexp_error"
+OVERRIDES_ATTR, ERROR_ATTR = "ctexp_overrides", "ctexp_error"  # and sweep_recovery's WORKER_ATTR, RUN_ATTR
 INVALID_ATTR = "ctexp_invalid"  # the trial's values made no valid experiment; it never ran
 DEFINITION_ATTR = "ctexp_definition"  # study user attribute: what the sweep searches, to refuse a changed rerun
 
@@ -269,151 +273,6 @@ class SweepSummary(_Strict):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Storage
-
-
-def resolve_storage(storage: str | None, home: Path) -> str:
-    """The Optuna storage: a journal file path (default ``HOME/optuna.journal``) or a database URL."""
-    if not storage:
-        return str((home / "optuna.journal").resolve())
-    if "://" in storage:
-        return storage
-    return str(Path(storage).expanduser().resolve())
-
-
-def storage_kind(storage: str) -> str:
-    """``journal`` (a file path), ``sqlite`` or ``postgresql``.
-
-    Raises:
-        ConfigError: another kind of URL.
-    """
-    if "://" not in storage:
-        return "journal"
-    scheme = storage.split("://", 1)[0].split("+", 1)[0].lower()
-    if scheme in ("sqlite", "postgresql"):
-        return scheme
-    raise ConfigError(
-        f"unsupported --storage {mask_storage(storage)!r}; use a journal file path (default HOME/optuna.journal), "
-        "sqlite:///PATH or postgresql+psycopg://USER@HOST/DB"
-    )
-
-
-def mask_storage(storage: str) -> str:
-    from ctexp.registry.db import mask_url
-
-    return mask_url(storage) if "://" in storage else storage
-
-
-def open_storage(storage: str) -> optuna.storages.BaseStorage:
-    """An Optuna storage: JournalStorage on a file, or RDBStorage (with heartbeats and retries).
-
-    Raises:
-        RegistryError: the storage cannot be opened or reached.
-    """
-    import optuna
-    from sqlalchemy.exc import SQLAlchemyError
-
-    kind = storage_kind(storage)
-    masked = mask_storage(storage)
-    try:
-        with _quiet_optuna():
-            if kind == "journal":
-                path = Path(storage)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
-            engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
-            if kind == "postgresql":
-                engine_kwargs["connect_args"] = {"connect_timeout": 5}
-            return optuna.storages.RDBStorage(
-                storage, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES),
-            )
-    except (SQLAlchemyError, OSError, ImportError, ValueError) as error:
-        reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise RegistryError(f"cannot open the Optuna storage {masked}: {reason}; check --storage") from None
-
-
-@contextlib.contextmanager
-def _quiet_optuna() -> Iterator[None]:
-    """Optuna's experimental-feature warnings off (heartbeats, constant liar, retry callback)."""
-    import optuna
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        yield
-
-
-class SweepLock:
-    """The lock every worker of a study takes to recover dead trials, count and ask (held briefly).
-
-    A file lock (``flock``) beside a journal or SQLite storage; a PostgreSQL advisory lock otherwise.
-    A process that dies releases it (the kernel drops its lock; PostgreSQL ends its session).
-    """
-
-    def __init__(self, storage: str, study_name: str) -> None:
-        self._held = False
-        self._handle: Any = None
-        self._connection: Any = None
-        self._engine: Any = None
-        kind = storage_kind(storage)
-        if kind == "postgresql":
-            from sqlalchemy import create_engine
-            from sqlalchemy.pool import NullPool
-
-            digest = hashlib.sha256(f"ctexp-sweep:{study_name}".encode()).digest()
-            self._key = int.from_bytes(digest[:8], "big", signed=True)
-            self._engine = create_engine(storage, poolclass=NullPool, connect_args={"connect_timeout": 5})
-            self._connection = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-        else:
-            path = Path(storage) if kind == "journal" else Path(storage.split("///", 1)[1].split("?", 1)[0])
-            self._path = path.with_name(path.name + ".ctexp-lock")
-            self._path.parent.mkdir(parents=True, exist_ok=True)
-            self._handle = self._path.open("a")
-
-    def acquire(self) -> None:
-        if self._held:
-            return
-        if self._connection is not None:
-            from sqlalchemy import text
-
-            self._connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": self._key})
-        else:
-            import fcntl
-
-            fcntl.flock(self._handle, fcntl.LOCK_EX)
-        self._held = True
-
-    def release(self) -> None:
-        if not self._held:
-            return
-        self._held = False
-        if self._connection is not None:
-            from sqlalchemy import text
-
-            self._connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": self._key})
-        else:
-            import fcntl
-
-            fcntl.flock(self._handle, fcntl.LOCK_UN)
-
-    @contextlib.contextmanager
-    def held(self) -> Iterator[SweepLock]:
-        self.acquire()
-        try:
-            yield self
-        finally:
-            self.release()
-
-    def close(self) -> None:
-        self.release()
-        if self._connection is not None:
-            self._connection.close()
-            self._engine.dispose()
-        if self._handle is not None:
-            self._handle.close()
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Samplers, pruners, the study
 
 
@@ -432,7 +291,7 @@ def make_sampler(plan: SweepPlan, number: int) -> optuna.samplers.BaseSampler:
     import optuna
 
     seed = trial_seed(plan.seed, number)
-    with _quiet_optuna():
+    with quiet_optuna():
         if plan.sampler is SamplerKind.RANDOM:
             return optuna.samplers.RandomSampler(seed=seed)
         if plan.sampler is SamplerKind.GRID:  # one seed for every trial: it shuffles the grid's order
@@ -487,120 +346,6 @@ def best_of(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Workers: who is alive
-
-
-class WorkerId(_Strict):
-    """A worker process: its machine (hostname and boot id), pid and start time (pids are reused)."""
-
-    host: str
-    boot: str
-    pid: int
-    start: str
-
-    @classmethod
-    def current(cls) -> WorkerId:
-        return cls(host=socket.gethostname(), boot=_boot_id(), pid=os.getpid(), start=_start_time(os.getpid()) or "")
-
-    def same_machine(self, other: WorkerId) -> bool:
-        return self.host == other.host and self.boot == other.boot
-
-    def alive(self) -> bool:
-        """Whether this process still runs (on this machine; a zombie counts as dead)."""
-        stat = _proc_stat(self.pid)
-        if stat is None:
-            if Path("/proc/self/stat").exists():
-                return False
-            try:
-                os.kill(self.pid, 0)
-            except ProcessLookupError:
-                return False
-            except PermissionError:
-                return True
-            return True
-        state, start = stat
-        return state not in ("Z", "X") and (not self.start or start == self.start)
-
-
-def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
-
-
-def _proc_stat(pid: int) -> tuple[str, str] | None:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = text.rsplit(")", 1)[1].split()  # after "pid (comm)": state is field 3, starttime field 22
-    return fields[0], fields[19]
-
-
-def _start_time(pid: int) -> str | None:
-    stat = _proc_stat(pid)
-    return None if stat is None else stat[1]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Recovery: trials whose worker died
-
-
-def recover(study: optuna.Study, registry: Registry, tracker: Tracker | None, sweep_id: int, me: WorkerId) -> list[int]:
-    """Fail and retry RUNNING trials whose worker died; end the ctexp runs of such trials FAILED.
-
-    Call it under the sweep lock: a RUNNING trial without a worker attribute then belongs to a process
-    that died between asking for it and noting itself (which it does under the same lock).
-
-    Returns:
-        The numbers of the trials failed here.
-    """
-    import optuna
-    from optuna.trial import TrialState
-
-    from ctexp.registry.models import RunStatus
-
-    registry.mark_stale_runs(STALE_AFTER_SECONDS)
-    runs = {record.id: record for record in registry.list_trials(sweep_id)}
-    failed: list[int] = []
-    for trial in study.get_trials(deepcopy=False):
-        run = runs.get(trial.user_attrs.get(RUN_ATTR, ""))
-        if trial.state is TrialState.RUNNING and _is_dead(trial, run, me):
-            study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
-            frozen = study.get_trials(deepcopy=True)[trial.number]
-            if frozen.state is TrialState.FAIL:
-                with _quiet_optuna():
-                    optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)(study, frozen)
-                failed.append(trial.number)
-        if run is not None and run.status is RunStatus.RUNNING and (trial.state.is_finished() or trial.number in failed):
-            _end_dead_run(registry, tracker, run, trial.number)
-    return failed
-
-
-def _is_dead(trial: optuna.trial.FrozenTrial, run: RunRecord | None, me: WorkerId) -> bool:
-    from ctexp.registry.models import RunStatus
-
-    tag = trial.user_attrs.get(WORKER_ATTR)
-    if tag is None:
-        return True  # its worker died under the lock, before noting itself
-    worker = WorkerId.model_validate(tag)
-    if worker.same_machine(me):
-        return not worker.alive()
-    return run is not None and run.status is not RunStatus.RUNNING
-
-
-def _end_dead_run(registry: Registry, tracker: Tracker | None, run: RunRecord, number: int) -> None:
-    from ctexp.registry.models import RunStatus
-
-    with contextlib.suppress(CtexpError):
-        registry.end_run(run.id, RunStatus.FAILED, f"worker died (trial {number}); the trial is retried")
-    if tracker is not None and run.mlflow_run_id:
-        with contextlib.suppress(CtexpError):
-            tracker.end_run(run.mlflow_run_id, "FAILED")
-
-
-# ---------------------------------------------------------------------------------------------------------
 # The worker loop
 
 
@@ -637,7 +382,7 @@ def run_worker(
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     storage = open_storage(plan.storage)
-    with _quiet_optuna():
+    with quiet_optuna():
         study = optuna.load_study(
             study_name=plan.name, storage=storage,
             pruner=make_pruner(plan.pruner, plan.base, plan.space, plan.n_trials),
@@ -944,7 +689,7 @@ def _check_grid(request: SweepRequest, n_positions: int) -> None:
 def _open_study(request: SweepRequest, name: str, storage: Any, storage_text: str) -> optuna.Study:
     import optuna
 
-    with _quiet_optuna():
+    with quiet_optuna():
         study = optuna.create_study(storage=storage, study_name=name, direction=request.objective.direction,
                                     load_if_exists=True)
     if study.direction.name.lower() != request.objective.direction:
@@ -1209,7 +954,7 @@ def importances(study: optuna.Study) -> tuple[dict[str, float] | None, str | Non
         evaluator = optuna.importance.PedAnovaImportanceEvaluator()
         evaluator_name = "ped-anova"
     try:
-        with _quiet_optuna():
+        with quiet_optuna():
             values = optuna.importance.get_param_importances(study, evaluator=evaluator)
     except (ValueError, RuntimeError) as error:
         return None, evaluator_name, f"importances unavailable: {_one_line(error)}"

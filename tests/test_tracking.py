@@ -392,7 +392,7 @@ def test_final_metrics(recorded: Recorded) -> None:
     assert metrics["position3/top1"] == position3.top1
     assert metrics["position3/lift_prior"] == position3.lift_prior
     assert metrics["layer2/top1"] == next(row for row in result.by_layer if row.layer == 2).top1
-    assert "cell/l2_p3/top1" in metrics
+    assert "cell/l2_p3/top1" in metrics and "cell/l2_p3/top1_low" not in metrics  # cells: top-1 only
     assert metrics["run/epochs"] == 2
     assert all(isinstance(value, float) for value in metrics.values())
     assert "prior/prior_top1" not in metrics  # None values are left out

@@ -277,6 +277,16 @@ class ResultRow(_Frozen):
         low, high = getattr(self, f"{metric}_low"), getattr(self, f"{metric}_high")
         return None if low is None or high is None else (low, high)
 
+    def as_group_metrics(self) -> GroupMetrics:
+        """This row in the engine's shape (``RunResult.by_layer`` etc.), e.g. for the run tables."""
+        return GroupMetrics(
+            layer=self.layer, position=self.position, n=self.n, problems=self.problems, loss=self.loss,
+            top1=self.top1, top5=self.top5, top10=self.top10,
+            ci={metric: self.interval(metric) for metric in ("loss", "top1", "top5", "top10")},
+            prior_top1=self.prior_top1, identity_top1=self.identity_top1, lift_prior=self.lift_prior,
+            lift_identity=self.lift_identity,
+        )
+
 
 class BestRow(_Frozen):
     """The finished run with the best value of a metric at one layer, position or cell."""
@@ -787,9 +797,10 @@ class Registry:
     ) -> list[BestRow]:
         """For each layer, position or cell: the finished run with the best ``metric`` there.
 
-        Best is highest for top-k and lowest for loss; ties go to the earlier run. One SQL query: a
-        ``ROW_NUMBER()`` window per group over the finished runs (found by the status index), joined to
-        their results by primary key.
+        Best is highest for top-k and lowest for loss; ties go to the earlier run. One SQL query: the
+        best value per group (``MAX``/``MIN`` with ``GROUP BY``), then a ``ROW_NUMBER()`` window over the
+        runs that reach it (the ties only), joined to their results by primary key. A window over every
+        (run, group) row was twice as slow: its sort costs by the rows, the aggregate does not sort.
 
         Args:
             by: the breakdown: ``layer``, ``position`` or ``cell``.
@@ -806,20 +817,28 @@ class Registry:
         table = _result_table(by)
         keys = [getattr(table, key) for key in GROUP_KEYS[by]]
         value = getattr(table, metric)
-        order = value.desc() if HIGHER_IS_BETTER[metric] else value.asc()
-        rank = func.row_number().over(partition_by=keys, order_by=(order, Run.started_at, Run.id))
-        # Rank narrow rows (group, run id), then fetch the wide columns of the winners only: the window's
-        # sort over every (run, group) row is what costs, and it costs by the bytes per row.
-        candidates = (
-            select(*keys, Run.id.label("run_id"), rank.label("rank"))
-            .join(Run, Run.id == table.run_id)
-            .where(table.split == split_name, Run.status == RunStatus.FINISHED, value.is_not(None))
-            .where(*_run_filters(lens=lens, split=split, target=target))
+
+        def eligible(*columns: Any) -> Select:
+            """``columns`` of the results of finished runs that pass the filters."""
+            query = (
+                select(*columns)
+                .join(Run, Run.id == table.run_id)
+                .where(table.split == split_name, Run.status == RunStatus.FINISHED, value.is_not(None))
+                .where(*_run_filters(lens=lens, split=split, target=target))
+            )
+            if experiment is not None:
+                query = query.join(Experiment, Experiment.id == Run.experiment_id).where(Experiment.name == experiment)
+            return query
+
+        best_value = (func.max if HIGHER_IS_BETTER[metric] else func.min)(value)
+        bests = eligible(*keys, best_value.label("best")).group_by(*keys).subquery()
+        rank = func.row_number().over(partition_by=keys, order_by=(Run.started_at, Run.id))
+        reaching = [key == bests.c[name] for key, name in zip(keys, GROUP_KEYS[by], strict=True)]
+        ranked = (
+            eligible(*keys, Run.id.label("run_id"), rank.label("rank"))
+            .join(bests, and_(*reaching, value == bests.c.best))
+            .subquery()
         )
-        if experiment is not None:
-            candidates = candidates.join(Experiment, Experiment.id == Run.experiment_id).where(
-                Experiment.name == experiment)
-        ranked = candidates.subquery()
         same_group = [getattr(table, key) == ranked.c[key] for key in GROUP_KEYS[by]]
         query = (
             select(

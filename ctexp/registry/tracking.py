@@ -9,8 +9,10 @@ Every failure of MLflow, of its database or of the network is raised as one ``Tr
 with passwords in URIs masked.
 
 Costs (2-core machine): importing mlflow 1-2 s, opening an existing SQLite store 0.5-0.8 s (creating
-one 2-7 s), importing matplotlib 0.4 s; then each recorded run 0.4-1.5 s, mostly the figures.
-``Tracker.warm_up`` pays the fixed part ahead, e.g. in a thread while the run trains.
+one 2-7 s), importing matplotlib 0.4 s; then each recorded run ~0.15-0.25 s of metrics and artifacts,
+plus ~0.3-0.45 s to render its three figures (``python bench/registry.py`` measures both).
+``Tracker.warm_up`` pays the fixed part ahead. Doing so in a thread while a run trains was measured
+to gain nothing: the imports hold the GIL that the training loop needs.
 """
 
 from __future__ import annotations
@@ -114,7 +116,9 @@ def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, str
     return flat
 
 
-CELL_METRICS = ("n", "top1", "top1_low", "top1_high", "lift_identity")
+# Per cell, MLflow gets top-1 only: L x T cells times every metric would be hundreds of flat keys
+# (slow to log, unreadable in the UI); the SQL tables hold every cell metric with its interval.
+CELL_METRICS = ("top1",)
 
 
 def final_metrics(result: RunResult) -> dict[str, float]:
@@ -122,8 +126,8 @@ def final_metrics(result: RunResult) -> dict[str, float]:
 
     Keys: ``test/*`` (overall), ``layer{L}/*`` and ``position{P}/*``, each with ``loss``, ``top1``,
     ``top5``, ``top10``, their ``*_low``/``*_high`` 95% interval ends, ``n``, ``problems``,
-    ``prior_top1``, ``identity_top1``, ``lift_prior``, ``lift_identity``; ``cell/l{L}_p{P}/*`` with
-    ``n``, ``top1``, its interval and ``lift_identity`` (the SQL tables hold every cell metric); the baselines
+    ``prior_top1``, ``identity_top1``, ``lift_prior``, ``lift_identity``; ``cell/l{L}_p{P}/top1`` (the
+    SQL tables hold every cell metric); the baselines
     overall as ``prior/*`` and ``identity/*``; and ``run/seconds``, ``run/lens_parameters``,
     ``run/epochs``, ``run/best_epoch``.
 
@@ -138,7 +142,7 @@ def final_metrics(result: RunResult) -> dict[str, float]:
         metrics.update(_group_metrics(f"layer{row.layer}", row))
     for row in result.by_position:
         metrics.update(_group_metrics(f"position{row.position}", row))
-    for row in result.by_cell:  # cells: top-1 and its interval only (the SQL tables hold the rest)
+    for row in result.by_cell:
         cell = _group_metrics(f"cell/l{row.layer}_p{row.position}", row)
         metrics.update({key: value for key, value in cell.items() if key.rsplit("/", 1)[1] in CELL_METRICS})
     for name, baseline in result.baselines.items():
@@ -284,8 +288,8 @@ class Tracker:
     def finish_run(self, mlflow_run_id: str, result: RunResult, run_dir: Path) -> None:
         """Log the final metrics, the run directory and the figures; then mark the run FINISHED.
 
-        The run directory goes under the artifact folder ``run/``, the figures under ``figures/``.
-        On failure the run is marked FAILED (best effort) before the error is raised.
+        ``log_results`` then ``log_figures``, then the status. On failure the run is marked FAILED
+        (best effort) before the error is raised.
 
         Args:
             mlflow_run_id: from ``start_run``.
@@ -295,21 +299,37 @@ class Tracker:
         Raises:
             TrackingError: MLflow refused or could not be reached, or ``run_dir`` is not a directory.
         """
-        from ctexp.figures import save_figures
-
-        if not run_dir.is_dir():
-            raise TrackingError(f"run directory {run_dir} does not exist; cannot log its artifacts")
         with self._failing_run(mlflow_run_id):
-            with self._errors("log the final metrics"):
-                for chunk in _chunks(sorted(final_metrics(result).items()), METRICS_PER_BATCH):
-                    self._client.log_batch(mlflow_run_id, metrics=_metrics(dict(chunk), step=0), synchronous=True)
-            with self._errors("log the run directory"):
-                self._client.log_artifacts(mlflow_run_id, str(run_dir), RUN_ARTIFACTS)
-            with tempfile.TemporaryDirectory(prefix="ctexp-figures-") as scratch, self._errors("log the figures"):
-                save_figures(result, Path(scratch))
-                self._client.log_artifacts(mlflow_run_id, scratch, FIGURE_ARTIFACTS)
+            self.log_results(mlflow_run_id, result, run_dir)
+            self.log_figures(mlflow_run_id, result)
             with self._errors("mark the run finished"):
                 self._client.set_terminated(mlflow_run_id, "FINISHED")
+
+    def log_results(self, mlflow_run_id: str, result: RunResult, run_dir: Path) -> None:
+        """Log the final metrics (``final_metrics``) and the run directory under the artifact folder ``run/``.
+
+        Raises:
+            TrackingError: MLflow refused or could not be reached, or ``run_dir`` is not a directory.
+        """
+        if not run_dir.is_dir():
+            raise TrackingError(f"run directory {run_dir} does not exist; cannot log its artifacts")
+        with self._errors("log the final metrics"):
+            for chunk in _chunks(sorted(final_metrics(result).items()), METRICS_PER_BATCH):
+                self._client.log_batch(mlflow_run_id, metrics=_metrics(dict(chunk), step=0), synchronous=True)
+        with self._errors("log the run directory"):
+            self._client.log_artifacts(mlflow_run_id, str(run_dir), RUN_ARTIFACTS)
+
+    def log_figures(self, mlflow_run_id: str, result: RunResult) -> None:
+        """Render the run's three figures (``ctexp.figures``) and log them under ``figures/``.
+
+        Raises:
+            TrackingError: MLflow refused or could not be reached, or the figures could not be written.
+        """
+        from ctexp.figures import save_figures
+
+        with tempfile.TemporaryDirectory(prefix="ctexp-figures-") as scratch, self._errors("log the figures"):
+            save_figures(result, Path(scratch))
+            self._client.log_artifacts(mlflow_run_id, scratch, FIGURE_ARTIFACTS)
 
     def end_run(self, mlflow_run_id: str, status: Literal["FAILED", "KILLED"]) -> None:
         """Mark a run that did not finish: FAILED (an error) or KILLED (interrupted, pruned).
@@ -442,8 +462,8 @@ class Tracker:
     def warm_up(self) -> None:
         """Pay the fixed costs now: import MLflow and matplotlib, open the store (create its schema).
 
-        These take seconds (see the module docstring); calling this from a background thread while a
-        run loads its data and trains hides them. Safe to call once alongside the other methods.
+        These take seconds (see the module docstring); benchmarks call this first so that they time
+        the per-run cost only. Safe to call from another thread alongside the other methods.
 
         Raises:
             TrackingError: the store cannot be opened.
