@@ -23,6 +23,9 @@ DPI = 100
 HEATMAP_FILE = "layer_position_top1.png"
 POSITIONS_FILE = "position_top1.png"
 CURVES_FILE = "training_curves.png"
+# The heatmap's colorbar, in inches, in the figure's right margin: a gap, the bar, and ~0.8 in for its
+# tick labels and label.
+COLORBAR_GAP_IN, COLORBAR_WIDTH_IN, COLORBAR_MARGIN_IN = 0.12, 0.18, 1.1
 
 
 def layer_position_heatmap(result: RunResult) -> Figure:
@@ -58,9 +61,12 @@ def layer_position_heatmap(result: RunResult) -> Figure:
     axes.set_xlabel("position")
     axes.set_ylabel("layer")
     axes.set_title(f"Test top-1 by layer and position, {_lens(result)} lens")
-    _margins(figure, right=0.15)
-    # The colorbar (with its tick labels and label, ~0.9 in) takes its room from the axes.
-    figure.colorbar(image, ax=axes, label="top-1", fraction=0.9 / figure.get_figwidth(), pad=0.02)
+    _margins(figure, right=COLORBAR_MARGIN_IN)
+    width, box = figure.get_figwidth(), figure.subplotpars
+    colorbar_axes = figure.add_axes(
+        (box.right + COLORBAR_GAP_IN / width, box.bottom, COLORBAR_WIDTH_IN / width, box.top - box.bottom)
+    )
+    figure.colorbar(image, cax=colorbar_axes, label="top-1")
     return figure
 
 
