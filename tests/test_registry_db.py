@@ -409,6 +409,22 @@ def test_best_picks_the_right_run_per_position(db_url: str, registry: Registry, 
         registry.best(by="position", metric="top3")
 
 
+def test_best_loss_is_the_lowest_and_top1_ties_go_to_the_earlier_run(
+    db_url: str, registry: Registry, result: RunResult
+) -> None:
+    first = record(registry, result, name="first", top1=[0.5, 0.5, 0.5, 0.5, 0.5, 0.5])
+    second = record(registry, result, name="second", top1=[0.5, 0.6, 0.5, 0.5, 0.5, 0.5])
+    sql(db_url, "UPDATE ctexp_position_results SET loss = 9.0 WHERE split = 'test'")
+    sql(db_url, "UPDATE ctexp_position_results SET loss = 0.25 WHERE run_id = :id AND position = 2", id=second.run_id)
+    sql(db_url, "UPDATE ctexp_position_results SET loss = 0.5 WHERE run_id = :id AND position = 2", id=first.run_id)
+
+    losses = {row.position: (row.run_name, row.value) for row in registry.best(by="position", metric="loss")}
+    assert losses[2] == ("second", 0.25)  # lowest wins for loss
+    assert losses[3] == ("first", 9.0)  # equal: the earlier run
+    top1 = {row.position: row.run_name for row in registry.best(by="position")}
+    assert top1 == {0: "first", 1: "second", 2: "first", 3: "first", 4: "first", 5: "first"}
+
+
 def test_end_run_killed_keeps_epochs(registry: Registry, result: RunResult, config: ExperimentConfig) -> None:
     run_id = start(registry, config)
     registry.record_epoch(run_id, result.epochs[0])
