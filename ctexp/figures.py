@@ -45,7 +45,8 @@ def layer_position_heatmap(result: RunResult) -> Figure:
             grid[layers.index(row.layer)][positions.index(row.position)] = row.top1
 
     # Size follows the grid so that annotations stay legible from 1x1 to ~33x16 cells.
-    figure = Figure(figsize=(min(max(5.5, 2.5 + 0.9 * len(positions)), 16), min(max(3.0, 1.8 + 0.45 * len(layers)), 16)))
+    width = min(max(5.5, 2.5 + 0.9 * len(positions)), 16)  # at least room for the title and colorbar
+    figure = Figure(figsize=(width, min(max(3.0, 1.8 + 0.45 * len(layers)), 16)))
     axes = figure.add_subplot()
     finite = [value for line in grid for value in line if not math.isnan(value)]
     top = max(finite, default=1.0) or 1.0  # a run with top-1 = 0 everywhere still needs a scale
@@ -62,7 +63,7 @@ def layer_position_heatmap(result: RunResult) -> Figure:
     axes.set_ylabel("layer")
     axes.set_title(f"Test top-1 by layer and position, {_lens(result)} lens")
     _margins(figure, right=COLORBAR_MARGIN_IN)
-    width, box = figure.get_figwidth(), figure.subplotpars
+    box = figure.subplotpars
     colorbar_axes = figure.add_axes(
         (box.right + COLORBAR_GAP_IN / width, box.bottom, COLORBAR_WIDTH_IN / width, box.top - box.bottom)
     )

@@ -126,10 +126,9 @@ def final_metrics(result: RunResult) -> dict[str, float]:
 
     Keys: ``test/*`` (overall), ``layer{L}/*`` and ``position{P}/*``, each with ``loss``, ``top1``,
     ``top5``, ``top10``, their ``*_low``/``*_high`` 95% interval ends, ``n``, ``problems``,
-    ``prior_top1``, ``identity_top1``, ``lift_prior``, ``lift_identity``; ``cell/l{L}_p{P}/top1`` (the
-    SQL tables hold every cell metric); the baselines
-    overall as ``prior/*`` and ``identity/*``; and ``run/seconds``, ``run/lens_parameters``,
-    ``run/epochs``, ``run/best_epoch``.
+    ``prior_top1``, ``identity_top1``, ``lift_prior``, ``lift_identity``; ``cell/l{L}_p{P}/top1``
+    (the SQL tables hold every cell metric); the baselines overall as ``prior/*`` and ``identity/*``;
+    and ``run/seconds``, ``run/lens_parameters``, ``run/epochs``, ``run/best_epoch``.
 
     Args:
         result: a finished run.
