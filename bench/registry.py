@@ -46,8 +46,8 @@ from sqlalchemy import create_engine, insert
 from ctexp.config import ExperimentConfig, build_config
 from ctexp.experiment import run_experiment
 from ctexp.registry.db import Registry
-from ctexp.registry.tracking import Tracker, flatten_config
 from ctexp.registry.models import Experiment, PositionResult, Run, RunStatus, metric_column_names
+from ctexp.registry.tracking import Tracker, flatten_config
 from ctexp.result import RunResult
 
 SMALL = {"world.problems": 120, "world.layers": 2, "world.hidden": 16, "train.epochs": 2}

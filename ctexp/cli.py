@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from typer.core import TyperGroup
@@ -168,8 +169,6 @@ def world(
 
     Example: ctexp world --out worlds/big --problems 5000 --layers 16 --hidden 256
     """
-    from pydantic import ValidationError
-
     from ctexp.sources.world import build_world
     from ctexp.store import write_store
 
@@ -212,9 +211,8 @@ def align(
         raise ConfigError(f"--format must be table or jsonl, not {output_format!r}")
     try:
         split_rule = SplitRule.model_validate(split)
-    except Exception as error:  # pydantic ValidationError: one line
-        message = validation_message(error) if hasattr(error, "errors") else str(error)
-        raise ConfigError(f"--split: {message.removeprefix('config: ')}") from None
+    except ValidationError as error:
+        raise ConfigError(f"--split: {validation_message(error).removeprefix('config: ')}") from None
     view = align_source(source, tokenizer, split_rule, target, empty, positions, limit, seed)
     if output_format == "jsonl":
         for record in view.records():
@@ -225,6 +223,7 @@ def align(
     _stdout().print(alignment_table(view.problems, view.tokenizer))
 
 
+# The command modules register onto `app`, so they are imported once it exists.
 from ctexp.commands_compare import register as _register_compare  # noqa: E402
 from ctexp.commands_extract import register as _register_extract  # noqa: E402
 from ctexp.commands_registry import register as _register_registry  # noqa: E402

@@ -142,12 +142,12 @@ def render_report(
         "",
         "## Executive Summary",
         "",
-        f"A `{run.lens}` tuned lens (adapter `{run.adapter}`) was trained to predict the `{run.target}` CoT token "
+        (f"A `{run.lens}` tuned lens (adapter `{run.adapter}`) was trained to predict the `{run.target}` CoT token "
         f"of each continuous-thought position under the `{run.split}` split. On {run.n_test_problems or 0:,} test "
         f"problems ({run.n_test_states or 0:,} states) it reaches {_pct(run.test_top1)} top-1 "
         f"(95% CI {_pct(run.test_top1_low)} to {_pct(run.test_top1_high)}), {_pct(run.test_top5)} top-5 and "
         f"{_pct(run.test_top10)} top-10, against {_pct(run.prior_top1)} for the prior baseline and "
-        f"{_pct(run.identity_top1)} for the logit lens.",
+        f"{_pct(run.identity_top1)} for the logit lens."),
         "",
         "## Configuration",
         "",

@@ -338,7 +338,9 @@ def _param(key: str, value: Any, where: str) -> SearchParam:
             param = SearchParam(kind=ParamKind.CHOICE, names=[str(name) for name in value],
                                 choices=[_typed(kind, item) for item in value.values()])
         else:
-            raise ValueError("give a spec string (log:1e-4:1e-2, choice:a,b), a list, or a table of NAME = VALUE")
+            raise ValueError(  # noqa: TRY004 - every ValueError here becomes one ConfigError line below
+                "give a spec string (log:1e-4:1e-2, choice:a,b), a list, or a table of NAME = VALUE"
+            )
         _check_key_kind(key, param)
         return param
     except ValidationError as error:
@@ -389,7 +391,7 @@ def _typed(kind: type, value: Any) -> Scalar:
             raise ValueError(f"{value!r} is not a text value")
         return str(value)
     if isinstance(value, bool):
-        raise ValueError(f"{value!r} is not a number")
+        raise ValueError(f"{value!r} is not a number")  # noqa: TRY004 - the caller reports ValueErrors as config errors
     try:
         number = float(value)
     except (TypeError, ValueError):

@@ -262,7 +262,7 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise StoreError(f"{path} not found; the store is incomplete (re-create it)")
     try:
         with safe_open(str(path), framework="pt") as handle:
-            return {key: handle.get_tensor(key) for key in handle.keys()}
+            return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 - safe_open handles are not dicts
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
         raise StoreError(f"{path} is corrupt or truncated ({str(error).splitlines()[0]}); re-create the store") from None
 

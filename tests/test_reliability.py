@@ -55,7 +55,7 @@ def test_signal_during_training_ends_the_run_killed_in_both_stores(tmp_path: Pat
     assert process.returncode == code, stderr
     assert ("Error: terminated" if code == 143 else "Error: interrupted") in stderr, stderr
     assert "Traceback" not in stderr
-    status, mlflow_run_id, error = _query(home, f"SELECT status, mlflow_run_id, error FROM ctexp_runs WHERE id = '{run_id}'")[0]
+    status, mlflow_run_id, _error = _query(home, f"SELECT status, mlflow_run_id, error FROM ctexp_runs WHERE id = '{run_id}'")[0]
     assert status == "KILLED"
     assert _query(home, f"SELECT count(*) FROM ctexp_epochs WHERE run_id = '{run_id}'")[0][0] >= 2
     from mlflow import MlflowClient

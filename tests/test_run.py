@@ -232,7 +232,7 @@ def test_planted_position_profile_shows(default_runs):
     observed = [row["top1"] for row in default_runs("layer-position")["by_position"]]
     planted = position_signal(6)
     assert int(np.argmin(observed)) == int(np.argmin(planted))
-    ranks = lambda values: np.argsort(np.argsort(values))  # noqa: E731
+    ranks = lambda values: np.argsort(np.argsort(values))
     rho = np.corrcoef(ranks(observed), ranks(planted))[0, 1]
     assert rho >= 0.6, (observed, planted)
 

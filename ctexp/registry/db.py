@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Self, TypeVar
 
 from alembic import command
 from alembic.config import Config
@@ -374,7 +374,7 @@ class Registry:
             self._engine.dispose()
             raise
 
-    def __enter__(self) -> Registry:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -507,9 +507,8 @@ class Registry:
     def _session(self, action: str, *, write: bool = False) -> Iterator[Session]:
         """One transaction: commits on success, rolls back on any error, driver errors become RegistryError."""
         try:
-            with Session(self._writer if write else self._engine, expire_on_commit=False) as session:
-                with session.begin():
-                    yield session
+            with Session(self._writer if write else self._engine, expire_on_commit=False) as session, session.begin():
+                yield session
         except DBAPIError as error:
             raise self._database_error(error, action) from error
 

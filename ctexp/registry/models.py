@@ -96,7 +96,7 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
-    type_annotation_map = {
+    type_annotation_map = {  # noqa: RUF012 - SQLAlchemy's declarative setting, read once
         datetime: UTCDateTime(),
         dict[str, Any]: JSON(),
         float: Float(),
@@ -314,7 +314,7 @@ class CellResult(Base, GroupMetricsColumns):
     position: Mapped[int]
 
 
-RESULT_TABLES: dict[str, type[LayerResult] | type[PositionResult] | type[CellResult]] = {
+RESULT_TABLES: dict[str, type[LayerResult | PositionResult | CellResult]] = {
     "layer": LayerResult,
     "position": PositionResult,
     "cell": CellResult,

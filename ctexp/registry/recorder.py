@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
+from typing import Self
 
 from ctexp.config import ExperimentConfig
 from ctexp.errors import CtexpError, Interrupted
@@ -80,7 +81,7 @@ class _Heartbeat:
             except CtexpError:
                 pass  # a missed beat is harmless; the next one or the run's end will land
 
-    def __enter__(self) -> _Heartbeat:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -105,7 +106,7 @@ class Recorder:
             self.registry.close()
             raise
 
-    def __enter__(self) -> Recorder:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -137,7 +137,7 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
             raise ModelError(f"{path} is not a readable safetensors file ({_first_line(error)})") from None
     try:
         state = _torch_load(path)
-    except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
+    except Exception as error:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
         raise ModelError(
             f"{path} cannot be loaded as plain weights ({_first_line(error)}); only tensor dicts load safely"
         ) from None
@@ -344,7 +344,7 @@ def load_hf_tokenizer(path: Path) -> Any:
 
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except Exception as error:  # transformers raises many types for incomplete directories
+    except Exception as error:  # noqa: BLE001 - transformers raises many types for incomplete directories
         raise TokenizerError(
             f"cannot load a tokenizer from {path} ({_first_line(error)}); pass --tokenizer DIR"
         ) from None
@@ -550,7 +550,7 @@ def load_codi(
 
     try:
         model_config = AutoConfig.from_pretrained(str(files.base), local_files_only=True)
-    except Exception as error:  # transformers raises OSError, ValueError, KeyError, ...
+    except Exception as error:  # noqa: BLE001 - transformers raises OSError, ValueError, KeyError, ...
         raise ModelError(f"cannot read the base config in {files.base} ({_first_line(error)})") from None
     base_state, prj_state = split_checkpoint(read_checkpoint(files.checkpoint), files.checkpoint)
     # Separate embedding and head, each loaded from the checkpoint (CODI may have trained either).
@@ -578,7 +578,7 @@ def _embedding_names(model_config: Any) -> tuple[str, str]:
     try:
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(model_config)
-    except Exception as error:  # an unknown model_type, a malformed config
+    except Exception as error:  # noqa: BLE001 - an unknown model_type, a malformed config
         raise ModelError(f"cannot build a causal LM from the base config ({_first_line(error)})") from None
     by_identity = {id(p): name for name, p in skeleton.named_parameters()}
     return by_identity[id(skeleton.get_input_embeddings().weight)], by_identity[

@@ -134,7 +134,7 @@ def read_tensor_file(path: Path, what: str) -> dict[str, torch.Tensor]:
             tensors: Any = load_file(str(path))
         else:
             tensors = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # safetensors and torch raise many types for bad files
+    except Exception as error:  # noqa: BLE001 - safetensors and torch raise many types for bad files
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise StoreError(f"{what} file {path} cannot be read as plain tensors ({first})") from None
     if not isinstance(tensors, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in tensors.items()):

@@ -99,7 +99,7 @@ def _problem(index: int, generator: torch.Generator) -> Problem:
         if op == "/":
             divisors = [k for k in range(2, min(value, 50) + 1) if value % k == 0]
             if not divisors:
-                op, operand = "+", operand
+                op = "+"
             else:
                 operand = divisors[_randint(generator, 0, len(divisors) - 1)]
         result = {"+": value + operand, "-": value - operand, "*": value * operand, "/": value // max(operand, 1)}[op]
