@@ -57,9 +57,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from ctexp.errors import ConfigError, RegistryError
+from ctexp.records import Record
 from ctexp.registry.db import RunRecord
 from ctexp.registry.locations import Locations
 
@@ -81,11 +82,7 @@ EXACT_BINOMIAL_MAX_N = 2000  # above this, the binomial tail is summed in log sp
 # The typed result
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class RunInfo(_Model):
+class RunInfo(Record):
     """One compared run, as the registry holds it, and where its predictions came from."""
 
     id: str
@@ -102,7 +99,7 @@ class RunInfo(_Model):
     test_states: int = Field(description="lines of predictions.jsonl: (problem, position, layer) states")
 
 
-class ConfigChange(_Model):
+class ConfigChange(Record):
     """One flattened config key (``train.lr``) with both runs' values."""
 
     key: str
@@ -111,7 +108,7 @@ class ConfigChange(_Model):
     changed: bool
 
 
-class HeadlineDelta(_Model):
+class HeadlineDelta(Record):
     """A headline test metric of both runs (registry values over each run's own states) and its delta."""
 
     metric: str
@@ -120,7 +117,7 @@ class HeadlineDelta(_Model):
     delta: float | None
 
 
-class DeltaRow(_Model):
+class DeltaRow(Record):
     """One row (overall, a layer or a position) or cell (a layer and a position) of a comparison.
 
     ``reference_*`` and ``other_*`` are the two runs' means (on the shared states when paired),
@@ -155,7 +152,7 @@ class DeltaRow(_Model):
     significant: bool
 
 
-class PairComparison(_Model):
+class PairComparison(Record):
     """One run compared against the reference."""
 
     reference: RunInfo
@@ -173,7 +170,7 @@ class PairComparison(_Model):
     by_cell: list[DeltaRow]
 
 
-class Comparison(_Model):
+class Comparison(Record):
     """Every run after the first compared against the first."""
 
     metric: Metric

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from ctexp.records import FrozenRecord
 
 
-class Problem(BaseModel):
+class Problem(FrozenRecord):
     """One GSM8K-style question with its chain-of-thought steps and final answer.
 
     Attributes:
@@ -16,8 +16,6 @@ class Problem(BaseModel):
         predicted: The model's decoded answer, where a model was run (real extraction).
         correct: Whether ``predicted`` matches ``answer``; None where unknown.
     """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     id: str
     question: str

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from ctexp.records import Record
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class GroupMetrics(_Model):
+class GroupMetrics(Record):
     """Metrics of a group of test states: overall, a layer, a position or a (layer, position) cell.
 
     ``n`` counts states, ``problems`` the distinct problems behind them; ``ci`` holds 95% bootstrap
@@ -34,14 +32,14 @@ class GroupMetrics(_Model):
     lift_identity: float | None = None
 
 
-class BaselineResult(_Model):
+class BaselineResult(Record):
     overall: GroupMetrics
     by_layer: list[GroupMetrics]
     by_position: list[GroupMetrics]
     by_cell: list[GroupMetrics]
 
 
-class EpochMetrics(_Model):
+class EpochMetrics(Record):
     epoch: int
     train_loss: float
     val_loss: float
@@ -54,13 +52,13 @@ class EpochMetrics(_Model):
     seconds: float
 
 
-class SampleToken(_Model):
+class SampleToken(Record):
     id: int
     token: str
     prob: float | None = None
 
 
-class Sample(_Model):
+class Sample(Record):
     """One decoded test prediction, as the reference's "Sample Predictions Analysis" shows them."""
 
     problem_id: str
@@ -74,7 +72,7 @@ class Sample(_Model):
     in_top5: bool
 
 
-class DataSummary(_Model):
+class DataSummary(Record):
     """What the aligned dataset holds: problems and samples per split, empty slices per position."""
 
     problems: dict[str, int]
@@ -86,14 +84,14 @@ class DataSummary(_Model):
     test_problem_ids: list[str]
 
 
-class StoreInfo(_Model):
+class StoreInfo(Record):
     path: str | None
     content_hash: str
     model: str
     tokenizer: str
 
 
-class RunResult(_Model):
+class RunResult(Record):
     """Everything a run computed. ``config`` is the resolved experiment configuration."""
 
     run_id: str

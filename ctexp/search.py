@@ -34,10 +34,11 @@ import math
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import ValidationError, model_validator
 
 from ctexp.config import ExperimentConfig, parse_index_spec, validation_message
 from ctexp.errors import ConfigError
+from ctexp.records import FrozenRecord
 
 if TYPE_CHECKING:
     import optuna
@@ -76,11 +77,7 @@ class ParamKind(StrEnum):
     CHOICE = "choice"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class SearchParam(_Strict):
+class SearchParam(FrozenRecord):
     """One searched field: a float or integer range, or a choice among values (optionally named)."""
 
     kind: ParamKind
@@ -169,7 +166,7 @@ class SearchParam(_Strict):
         return recorded
 
 
-class SearchSpace(_Strict):
+class SearchSpace(FrozenRecord):
     """Searched keys (``FIELD_TYPES``) and their parameters, in the order they are suggested."""
 
     params: dict[str, SearchParam]

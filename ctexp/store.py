@@ -33,29 +33,28 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ctexp.errors import StoreError
 from ctexp.problems import Problem
+from ctexp.records import Record
 
 FORMAT_VERSION = 1
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class NormSpec(BaseModel):
+class NormSpec(Record):
     """The model's final norm: RMSNorm (LLaMA) or LayerNorm (GPT-2)."""
 
-    model_config = ConfigDict(extra="forbid")
     kind: Literal["rmsnorm", "layernorm"] = "rmsnorm"
     eps: float = 1e-5
 
 
-class StoreMeta(BaseModel):
+class StoreMeta(Record):
     """The contents of meta.json."""
 
-    model_config = ConfigDict(extra="forbid")
     format: Literal["ctexp-store"] = "ctexp-store"
     version: int = FORMAT_VERSION
     model: str = Field(description="what produced the states: a checkpoint path or world:<params>")

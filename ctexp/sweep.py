@@ -42,10 +42,11 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from ctexp.config import ExperimentConfig, LensKind, parse_index_spec, to_toml
 from ctexp.errors import ConfigError, CtexpError, Interrupted, RegistryError
+from ctexp.records import FrozenRecord
 from ctexp.registry.locations import Locations
 from ctexp.result import EpochMetrics
 from ctexp.search import SearchSpace, apply_overrides
@@ -97,11 +98,7 @@ class ObjectiveKind(StrEnum):
     POSITIONS = "positions"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Objective(_Strict):
+class Objective(FrozenRecord):
     """What a sweep optimises, on the validation split: ``val_top1`` (maximise), ``val_loss``
     (minimise) or ``positions:SPEC`` (the mean validation top-1 of those positions, maximise)."""
 
@@ -173,7 +170,7 @@ def parse_choice(kind: type[StrEnum], text: str, flag: str) -> Any:
 # What a sweep is
 
 
-class SweepRequest(_Strict):
+class SweepRequest(FrozenRecord):
     """A sweep as asked for: the base experiment, the space, and how to search it."""
 
     base: ExperimentConfig
@@ -203,7 +200,7 @@ class SweepRequest(_Strict):
         return f"sweep-{hashlib.sha256(canonical.encode()).hexdigest()[:8]}"
 
 
-class SweepPlan(_Strict):
+class SweepPlan(FrozenRecord):
     """Everything a worker needs, passed to spawned workers as JSON."""
 
     name: str
@@ -227,7 +224,7 @@ class SweepPlan(_Strict):
         return Locations(Path(self.home), self.db_url, self.tracking_uri)
 
 
-class Counts(_Strict):
+class Counts(FrozenRecord):
     complete: int = 0
     pruned: int = 0
     failed: int = 0
@@ -239,7 +236,7 @@ class Counts(_Strict):
         return self.complete + self.pruned
 
 
-class TrialRow(_Strict):
+class TrialRow(FrozenRecord):
     """One trial as a summary shows it."""
 
     number: int
@@ -254,7 +251,7 @@ class TrialRow(_Strict):
     retry_of: int | None
 
 
-class SweepSummary(_Strict):
+class SweepSummary(FrozenRecord):
     """A sweep's state: what ``ctexp sweep`` prints at the end and ``ctexp sweep --show`` prints."""
 
     sweep: dict[str, Any]
@@ -349,7 +346,7 @@ def best_of(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
 # The worker loop
 
 
-class WorkerReport(_Strict):
+class WorkerReport(FrozenRecord):
     index: int
     trials: int
     error: str | None = None
@@ -526,7 +523,7 @@ def _worker_process(plan_json: str, index: int, threads: int, reports: Any) -> N
 # Launching
 
 
-class Progress(_Strict):
+class Progress(FrozenRecord):
     """What the live display shows."""
 
     n_trials: int

@@ -14,9 +14,8 @@ import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, ConfigDict
-
 from ctexp.errors import CtexpError
+from ctexp.records import FrozenRecord
 from ctexp.registry.locations import STALE_AFTER_SECONDS
 from ctexp.sweep_storage import MAX_RETRIES, quiet_optuna
 
@@ -30,10 +29,8 @@ if TYPE_CHECKING:
 WORKER_ATTR, RUN_ATTR = "ctexp_worker", "ctexp_run_id"
 
 
-class WorkerId(BaseModel):
+class WorkerId(FrozenRecord):
     """A worker process: its machine (hostname and boot id), pid and start time (pids are reused)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     host: str
     boot: str

@@ -24,7 +24,6 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from pydantic import BaseModel, ConfigDict
 from sqlalchemy import Row, Select, and_, create_engine, delete, event, func, select, update
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError, OperationalError
@@ -33,6 +32,7 @@ from sqlalchemy.orm import Session
 from ctexp.config import ExperimentConfig
 from ctexp.errors import RegistryError
 from ctexp.locking import file_lock
+from ctexp.records import FrozenRecord
 from ctexp.registry.models import (
     BASELINES,
     GROUP_KEYS,
@@ -191,11 +191,7 @@ def migrations_dir() -> Path:
 # What reads return: plain typed values, detached from any session
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class RunRecord(_Frozen):
+class RunRecord(FrozenRecord):
     """One run as the registry holds it: provenance, status and headline test metrics."""
 
     id: str
@@ -240,7 +236,7 @@ class RunRecord(_Frozen):
         return self.model_dump(mode="json")
 
 
-class ResultRow(_Frozen):
+class ResultRow(FrozenRecord):
     """Test metrics of one layer, position or cell of a run, with intervals and baselines."""
 
     run_id: str
@@ -288,7 +284,7 @@ class ResultRow(_Frozen):
         )
 
 
-class BestRow(_Frozen):
+class BestRow(FrozenRecord):
     """The finished run with the best value of a metric at one layer, position or cell."""
 
     layer: int | None = None
@@ -307,7 +303,7 @@ class BestRow(_Frozen):
     target: str
 
 
-class SweepRecord(_Frozen):
+class SweepRecord(FrozenRecord):
     """One sweep as the registry holds it, with its trials' runs counted by status."""
 
     id: int

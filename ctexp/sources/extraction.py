@@ -27,11 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from ctexp.config import validation_message
 from ctexp.errors import ConfigError
 from ctexp.problems import Problem
+from ctexp.records import FrozenRecord
 from ctexp.sources.choices import Precision
 from ctexp.sources.codi import (
     CodiModel,
@@ -47,15 +48,13 @@ from ctexp.sources.shards import Staging, partial_path
 from ctexp.store import NormSpec, StoreMeta, check_out
 
 
-class ExtractConfig(BaseModel):
+class ExtractConfig(FrozenRecord):
     """What an extraction reads and how; the output directory and device are passed apart.
 
     ``batch_size`` only changes speed and padding (results agree within the dtype's tolerance); every
     other field, the problems and the checkpoint file identify an extraction, so a partial one
     resumes only under the same values.
     """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: Path = Field(description="CODI checkpoint directory (or the checkpoint file itself)")
     base: Path | None = Field(None, description="base model directory with config.json; default: model")

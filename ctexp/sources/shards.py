@@ -27,12 +27,13 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import Field, ValidationError
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ctexp.errors import StoreError
 from ctexp.problems import Problem
+from ctexp.records import Record
 from ctexp.store import StoreMeta, atomic_directory, check_out
 
 PARTIAL_SUFFIX = ".partial"
@@ -45,25 +46,23 @@ def partial_path(out: Path) -> Path:
     return out.with_name(out.name + PARTIAL_SUFFIX)
 
 
-class ShardRecord(BaseModel):
+class ShardRecord(Record):
     """One finished shard."""
 
-    model_config = ConfigDict(extra="forbid")
     index: int
     count: int
     correct: int
 
 
-class Manifest(BaseModel):
+class Manifest(Record):
     """The contents of ``manifest.json``."""
 
-    model_config = ConfigDict(extra="forbid")
     format: Literal["ctexp-partial-store"] = "ctexp-partial-store"
     version: int = 1
     fingerprint: str
     shard_size: int
     order: list[int]
-    finished: list[ShardRecord] = []
+    finished: list[ShardRecord] = Field(default_factory=list)
 
 
 class Staging:
