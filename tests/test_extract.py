@@ -504,29 +504,17 @@ def invoke(app: typer.Typer, *args: str):
     return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
 
 
+def invoke_extract(app: typer.Typer, model: Path, base: Path, out: Path, *extra: object, data: str):
+    """``ctexp extract`` with the flags every test gives (LoRA rank R), then ``extra``."""
+    return invoke(app, "extract", "--model", model, "--base", base, "--data", data, "--out", out, "--lora-r", R, *extra)
+
+
 def test_cli_extract_then_run(assets: Assets, extract_app: typer.Typer, tmp_path: Path) -> None:
     out = tmp_path / "store"
-    result = invoke(
-        extract_app,
-        "extract",
-        "--model",
-        assets.llama_dir,
-        "--base",
-        assets.llama.base,
-        "--data",
-        f"gsm8k:{assets.data}",
-        "--out",
-        out,
-        "--lora-r",
-        R,
-        "--lora-alpha",
-        ALPHA,
-        "--max-answer-tokens",
-        3,
-        "--batch-size",
-        5,
-        "--device",
-        "cpu",
+    result = invoke_extract(
+        extract_app, assets.llama_dir, assets.llama.base, out,
+        "--lora-alpha", ALPHA, "--max-answer-tokens", 3, "--batch-size", 5, "--device", "cpu",
+        data=f"gsm8k:{assets.data}",
     )
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith(f"wrote {out}: 12 problems") and "bfloat16" in result.stdout
@@ -553,24 +541,10 @@ def test_cli_extract_then_run(assets: Assets, extract_app: typer.Typer, tmp_path
 
 
 def test_cli_extract_json(assets: Assets, extract_app: typer.Typer, tmp_path: Path) -> None:
-    result = invoke(
-        extract_app,
-        "extract",
-        "--model",
-        assets.gpt2_dir,
-        "--base",
-        assets.gpt2.base,
-        "--data",
-        f"gsm8k:{assets.data}",
-        "--out",
-        tmp_path / "s",
-        "--lora-r",
-        R,
-        "--limit",
-        3,
-        "--max-answer-tokens",
-        2,
-        "--json",
+    result = invoke_extract(
+        extract_app, assets.gpt2_dir, assets.gpt2.base, tmp_path / "s",
+        "--limit", 3, "--max-answer-tokens", 2, "--json",
+        data=f"gsm8k:{assets.data}",
     )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
@@ -585,29 +559,10 @@ def test_cli_resumes_an_interrupted_extraction(assets: Assets, extract_app: type
     out = tmp_path / "store"
     with pytest.raises(KeyboardInterrupt):
         run_extract(assets, assets.gpt2_dir, assets.gpt2, out, progress=stop, shard_size=5, limit=8)
-    result = invoke(
-        extract_app,
-        "extract",
-        "--model",
-        assets.gpt2_dir,
-        "--base",
-        assets.gpt2.base,
-        "--data",
-        f"gsm8k:{assets.data}",
-        "--out",
-        out,
-        "--lora-r",
-        R,
-        "--lora-alpha",
-        ALPHA,
-        "--dtype",
-        "fp32",
-        "--max-answer-tokens",
-        MAX_ANSWER,
-        "--shard-size",
-        5,
-        "--limit",
-        8,
+    result = invoke_extract(
+        extract_app, assets.gpt2_dir, assets.gpt2.base, out,
+        "--lora-alpha", ALPHA, "--dtype", "fp32", "--max-answer-tokens", MAX_ANSWER, "--shard-size", 5, "--limit", 8,
+        data=f"gsm8k:{assets.data}",
     )
     assert result.exit_code == 0, result.output
     assert "5 resumed" in result.stdout and load_store(out).meta.n_problems == 8
@@ -621,23 +576,10 @@ def broken_checkpoint(assets: Assets, directory: Path, change) -> Path:
 
 def test_cli_errors_are_one_line(assets: Assets, extract_app: typer.Typer, tmp_path: Path) -> None:
     def attempt(model: Path, *extra: str, data: str | None = None):
-        args = [
-            "extract",
-            "--model",
-            model,
-            "--base",
-            assets.llama.base,
-            "--data",
-            data or f"gsm8k:{assets.data}",
-            "--out",
-            tmp_path / "out",
-            "--lora-r",
-            str(R),
-            "--device",
-            "cpu",
-            *extra,
-        ]
-        return invoke(extract_app, *args)
+        return invoke_extract(
+            extract_app, model, assets.llama.base, tmp_path / "out", "--device", "cpu", *extra,
+            data=data or f"gsm8k:{assets.data}",
+        )
 
     no_prj = broken_checkpoint(
         assets, tmp_path / "no-prj", lambda s: [s.pop(k) for k in list(s) if k.startswith("prj.")]
