@@ -43,12 +43,12 @@ from typing import Any
 
 from sqlalchemy import create_engine, insert
 
+from ctexp.analysis.result import RunResult
 from ctexp.config import ExperimentConfig, build_config
-from ctexp.experiment import run_experiment
+from ctexp.experiment.pipeline import run_experiment
 from ctexp.registry.db import Registry
 from ctexp.registry.models import Experiment, PositionResult, Run, RunStatus, metric_column_names
 from ctexp.registry.tracking import Tracker, flatten_config
-from ctexp.result import RunResult
 
 SMALL = {"world.problems": 120, "world.layers": 2, "world.hidden": 16, "train.epochs": 2}
 LENSES = ("identity", "layer", "layer-position", "position", "global")

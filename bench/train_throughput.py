@@ -39,9 +39,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ctexp.config import LensKind, TrainConfig
-from ctexp.lens import Head, Lens
-from ctexp.store import NormSpec, Store, StoreMeta
-from ctexp.train import SplitTensors, TrainStep, batches, cpu_threads, resolve_dtype, train_lens, training_threads
+from ctexp.data.store import NormSpec, Store, StoreMeta
+from ctexp.lens.head import Head
+from ctexp.lens.kinds import Lens
+from ctexp.lens.train import SplitTensors, TrainStep, batches, cpu_threads, resolve_dtype, train_lens, training_threads
 
 HIDDEN, VOCAB, LAYERS, POSITIONS = 2048, 128_256, 16, 6
 FULL_STATES, FULL_EPOCHS = 76_800, 8

@@ -14,10 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from ctexp.align import align_problem, idf_table, largest_remainder, select_targets, slice_bounds, split_problems
 from ctexp.cli import app
 from ctexp.config import EmptyPolicy, SplitRule, TargetRule
-from ctexp.problems import Problem
+from ctexp.data.align import align_problem, idf_table, largest_remainder, select_targets, slice_bounds, split_problems
+from ctexp.data.problems import Problem
 from tests.conftest import assert_one_line_error
 
 GSM8K_TRAIN = Path(__file__).resolve().parents[2] / "shared/data/gsm8k/train.jsonl"

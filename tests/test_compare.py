@@ -12,22 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from ctexp.compare import Comparison, compare_runs, holm, mcnemar_p
+from ctexp.analysis.compare import Comparison, compare_runs, holm, mcnemar_p
+from ctexp.data.sources.world import position_signal, rotated_positions
 from ctexp.registry.locations import Locations
-from ctexp.sources.world import position_signal, rotated_positions
 from tests.conftest import SMALL_WORLD, Cli
 
 SMALL_LAYERS, POSITIONS = 3, 6  # SMALL_WORLD: states 0..2, 6 positions
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compare_command() -> None:
-    """Register ``ctexp compare`` on the app once (idempotent: cli.py may already do it)."""
-    from ctexp.cli import app
-    from ctexp.commands_compare import register
-
-    if not any(command.name == "compare" for command in app.registered_commands):
-        register(app)
 
 
 @pytest.fixture(scope="module")

@@ -18,18 +18,16 @@ import typer
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from ctexp.cli import CtexpGroup
 from ctexp.cli import app as ctexp_app
-from ctexp.commands_extract import register
+from ctexp.data.problems import Problem
+from ctexp.data.sources.gsm8k import read_gsm8k
+from ctexp.data.sources.imports import ImportSpec, import_store
+from ctexp.data.sources.spec import read_problems
+from ctexp.data.store import content_hash, head_tensors, load_store
 from ctexp.errors import StoreError
-from ctexp.problems import Problem
-from ctexp.sources.codi import answered, answers_match, parse_answer
-from ctexp.sources.data import read_problems
-from ctexp.sources.extraction import ExtractProgress, extract, make_config
-from ctexp.sources.gsm8k import read_gsm8k
-from ctexp.sources.imports import ImportSpec, import_store
-from ctexp.sources.shards import partial_path
-from ctexp.store import content_hash, head_tensors, load_store
+from ctexp.model.codi import answered, answers_match, parse_answer
+from ctexp.model.extraction import ExtractProgress, extract, make_config
+from ctexp.model.shards import partial_path
 from tests.conftest import assert_one_line_error
 
 T = 6
@@ -488,16 +486,8 @@ def test_hf_datasets_directory_reads_like_the_jsonl(assets: Assets, tmp_path: Pa
 
 @pytest.fixture(scope="module")
 def extract_app() -> typer.Typer:
-    """An app with the commands of this module (until cli.py registers them itself)."""
-    app = typer.Typer(cls=CtexpGroup, add_completion=False, rich_markup_mode=None, pretty_exceptions_enable=False)
-
-    @app.callback()
-    def _root(debug: bool = typer.Option(False, "--debug")) -> None:
-        """ctexp."""
-
-    register(app)
-    register(app)  # idempotent
-    return app
+    """The ctexp app, whose data commands include extract and import."""
+    return ctexp_app
 
 
 def invoke(app: typer.Typer, *args: str):

@@ -12,15 +12,15 @@ import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ctexp.config import build_config
-from ctexp.experiment import run_experiment
-from ctexp.figures import (
+from ctexp.analysis.figures import (
     layer_position_heatmap,
     position_bars,
     save_figures,
     training_curves,
 )
-from ctexp.result import RunResult
+from ctexp.analysis.result import RunResult
+from ctexp.config import build_config
+from ctexp.experiment.pipeline import run_experiment
 
 SHAPES = [(1, 1), (8, 6), (24, 12)]  # world layers (states 0..L), positions
 BUILDERS = [layer_position_heatmap, position_bars, training_curves]

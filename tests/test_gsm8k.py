@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ctexp.data.sources.gsm8k import parse_gsm8k_answer, read_aug, read_gsm8k, read_source
 from ctexp.errors import ConfigError, SourceError
-from ctexp.sources.gsm8k import parse_gsm8k_answer, read_aug, read_gsm8k, read_source
 
 TRAIN = Path(__file__).resolve().parents[1].parent / "shared/data/gsm8k/train.jsonl"
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ctexp import train
 from ctexp.config import AdapterKind, LensKind, TrainConfig
-from ctexp.lens import Head, Lens, LossTargets, head_cross_entropy, head_loss_and_grad, scores
-from ctexp.store import NormSpec, Store, StoreMeta
-from ctexp.train import FusedAdamW, SplitTensors, TrainStep, batches, evaluate_split, train_lens
+from ctexp.data.store import NormSpec, Store, StoreMeta
+from ctexp.lens import train
+from ctexp.lens.head import Head, LossTargets, head_cross_entropy, head_loss_and_grad, scores
+from ctexp.lens.kinds import Lens
+from ctexp.lens.train import FusedAdamW, SplitTensors, TrainStep, batches, evaluate_split, train_lens
 
 B, L, T, D, V, K = 7, 3, 4, 16, 53, 4
 
@@ -150,7 +151,7 @@ def test_fast_step_matches_plain_fp32(kind, adapter, norm, samples):
 @pytest.mark.parametrize("samples", [1, 2])
 def test_gradient_norm_from_the_factors(monkeypatch, adapter, samples):
     """Large layer lenses return the gradients' squared norm from Gram matrices; it is the norm."""
-    from ctexp import lens as lens_module
+    from ctexp.lens import kinds as lens_module
 
     monkeypatch.setattr(lens_module, "GRAM_NORM_MIN_ELEMENTS", 0)
     head, lens = make_head(), make_lens(LensKind.LAYER, adapter)
@@ -220,7 +221,7 @@ def test_fused_adamw_is_clip_then_torch_adamw():
 @pytest.mark.parametrize("samples", [2, B])
 def test_train_step_matches_plain_step(monkeypatch, kind, adapter, samples):
     """One full step (loss, gradients, clipping, AdamW) against the plain one."""
-    from ctexp import lens as lens_module
+    from ctexp.lens import kinds as lens_module
 
     monkeypatch.setattr(lens_module, "GRAM_NORM_MIN_ELEMENTS", 0)  # the clipping norm from the factors, too
     head = make_head()

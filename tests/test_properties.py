@@ -10,9 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ctexp.config import ExperimentConfig, build_config, to_toml
+from ctexp.data.problems import Problem
+from ctexp.data.store import NormSpec, Store, StoreMeta, load_store, write_store
 from ctexp.errors import ConfigError
-from ctexp.problems import Problem
-from ctexp.store import NormSpec, Store, StoreMeta, load_store, write_store
 
 PROPERTY_SETTINGS = settings(max_examples=25, deadline=None, derandomize=True,
                              suppress_health_check=[HealthCheck.too_slow])

@@ -26,9 +26,10 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, inspect, text
 
+from ctexp.analysis.result import EpochMetrics, RunResult
 from ctexp.config import ExperimentConfig, build_config
 from ctexp.errors import RegistryError
-from ctexp.experiment import run_experiment
+from ctexp.experiment.pipeline import run_experiment
 from ctexp.registry.db import Registry, SweepRecord, make_engine, mask_url, resolve_db_url
 from ctexp.registry.models import (
     RESULT_TABLES,
@@ -39,7 +40,6 @@ from ctexp.registry.models import (
     SweepStatus,
     metric_column_names,
 )
-from ctexp.result import EpochMetrics, RunResult
 from tests.conftest import needs_postgres
 
 SMALL = {"world.problems": 120, "world.layers": 2, "world.hidden": 16, "train.epochs": 2}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from ctexp.sources.world import position_signal, rotated_positions
+from ctexp.data.sources.world import position_signal, rotated_positions
 from tests.conftest import SMALL_WORLD
 
 STATES = 3  # SMALL_WORLD: 2 layers -> hidden states 0..2

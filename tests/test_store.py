@@ -15,10 +15,10 @@ from typer.testing import CliRunner
 
 from ctexp.cli import app
 from ctexp.config import WorldConfig
+from ctexp.data.sources.world import build_world
+from ctexp.data.store import content_hash, head_tensors, load_store
+from ctexp.data.tokenizers import BuiltinTokenizer
 from ctexp.errors import StoreError
-from ctexp.sources.world import build_world
-from ctexp.store import content_hash, head_tensors, load_store
-from ctexp.tokenizers import BuiltinTokenizer
 from tests.conftest import assert_one_line_error
 
 PROBLEMS, LAYERS, HIDDEN, POSITIONS = 50, 2, 16, 6

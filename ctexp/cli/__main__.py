@@ -1,0 +1,5 @@
+"""``python -m ctexp.cli``."""
+
+from ctexp.cli import main
+
+main()

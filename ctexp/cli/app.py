@@ -1,0 +1,90 @@
+"""The Typer app, its one error handler at the edge, and the consoles every command prints with.
+
+Errors raised by the library (``CtexpError``) and usage errors become one ``Error: ...`` line on
+stderr and the error's exit code; ``--debug`` (or ``CTEXP_DEBUG=1``) shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from typer.core import TyperGroup
+
+from ctexp.errors import CtexpError
+
+
+class CtexpGroup(TyperGroup):
+    """One error handler at the edge, for every command (tests through CliRunner get it too)."""
+
+    def main(self, args: Any = None, prog_name: Any = None, complete_var: Any = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        debug = "--debug" in argv or os.environ.get("CTEXP_DEBUG") == "1"
+        try:
+            outcome = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+            code = outcome if isinstance(outcome, int) else 0
+        except typer.Exit as done:
+            code = done.exit_code
+        except typer.TyperException as error:  # usage errors: bad flag, bad choice
+            if debug:
+                raise
+            typer.echo(f"Error: {error.format_message().replace('Value error, ', '')}", err=True)
+            code = error.exit_code
+        except CtexpError as error:
+            if debug:
+                raise
+            typer.echo(f"Error: {error}", err=True)
+            code = error.exit_code
+        except (KeyboardInterrupt, typer.Abort):
+            # Ctrl-C outside a run. Inside one, the recorder ends the run KILLED and raises Interrupted
+            # (130, or 143 for SIGTERM), a CtexpError handled above.
+            typer.echo("Error: interrupted", err=True)
+            code = 130
+        except Exception as error:  # a bug: still one line, unless --debug
+            if debug:
+                raise
+            typer.echo(
+                f"Error: internal error {type(error).__name__}: {error} (rerun with --debug for the traceback)",
+                err=True,
+            )
+            code = 1
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+app = typer.Typer(
+    cls=CtexpGroup,
+    help="Decode CODI continuous thoughts into CoT tokens with tuned lenses, and keep every run.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")] = False,
+) -> None:
+    """ctexp: an experiment registry for continuous-thought decoding."""
+
+
+def stdout_console() -> Console:
+    """Where tables go: wide, never wrapped."""
+    return Console(soft_wrap=False, width=200)
+
+
+def stderr_console() -> Console:
+    """Where progress bars go, so that stdout stays clean for --json."""
+    return Console(stderr=True, width=200)
+
+
+def print_json(data: Any) -> None:
+    """One indented JSON object on stdout."""
+    typer.echo(json.dumps(data, indent=2))

@@ -1,0 +1,362 @@
+"""``ctexp compare``: what changed between runs, and whether each per-layer and per-position delta is real.
+
+Thin: resolves the locations, calls ``ctexp.compare.compare_runs`` and prints the result as rich tables,
+JSON, Markdown or CSV; ``--plot`` draws a delta heatmap and per-position bars (matplotlib ``Figure``,
+no pyplot state).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ctexp.analysis.compare import METRICS, Comparison, DeltaRow, PairComparison, compare_runs
+from ctexp.errors import ConfigError
+from ctexp.registry.locations import Locations
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+FORMATS = ("table", "json", "markdown", "csv")
+MARK = "*"
+TABLES = ("overall", "layer", "position", "cell")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``compare`` to the ``ctexp`` app."""
+    app.command("compare")(compare)
+
+
+def compare(
+    runs: Annotated[list[str], typer.Argument(
+        help="Two or more runs (id, unique id prefix, name, MLflow run id, or latest); the first is the reference.",
+        show_default=False, metavar="RUN",
+    )],
+    metric: Annotated[str, typer.Option(help="Metric tested and plotted: top1, top5, top10 or loss.")] = "top1",
+    output_format: Annotated[str, typer.Option("--format", help="table, json, markdown or csv.")] = "table",
+    plot: Annotated[Path | None, typer.Option(help="Write a PNG: delta heatmap and per-position delta bars.")] = None,
+    include_unchanged: Annotated[bool, typer.Option("--all", help="Include unchanged config keys.")] = False,
+    resamples: Annotated[int, typer.Option(help="Bootstrap resamples (and sign flips for loss).")] = 2000,
+    seed: Annotated[int, typer.Option(help="Seed of the resampling.")] = 0,
+    home: Annotated[Path | None, typer.Option("--home", help="ctexp home [$CTEXP_HOME or ./mlruns].")] = None,
+    db_url: Annotated[str | None, typer.Option("--db-url", help="Results database URL [$CTEXP_DB_URL or HOME/ctexp.db].")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(
+        "--tracking-uri", help="MLflow tracking URI [$MLFLOW_TRACKING_URI or HOME/mlflow.db]; predictions "
+        "missing locally are downloaded from it.",
+    )] = None,
+) -> None:
+    """Compare runs against the first: config changes, metric deltas, and which deltas are significant.
+
+    Example: ctexp compare identity-first-3f2a9c latest --metric top1 --plot compare.png
+    """
+    if output_format not in FORMATS:
+        raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, not {output_format!r}")
+    if metric not in METRICS:
+        raise ConfigError(f"--metric must be one of {', '.join(METRICS)}, not {metric!r}")
+    if plot is not None and plot.suffix.lower() != ".png":
+        raise ConfigError(f"--plot writes a PNG; give a FILE.png, not {str(plot)!r}")
+    if plot is not None and not plot.resolve().parent.is_dir():
+        raise ConfigError(f"--plot: the directory {plot.resolve().parent} does not exist")
+    result = compare_runs(
+        Locations.resolve(home, db_url, tracking_uri), runs, metric=metric, include_unchanged=include_unchanged,
+        resamples=resamples, seed=seed,
+    )
+    if plot is not None:
+        comparison_figure(result).savefig(plot, dpi=100, format="png")
+    if output_format == "json":
+        typer.echo(result.model_dump_json(indent=2))
+    elif output_format == "csv":
+        typer.echo(to_csv(result), nl=False)
+    elif output_format == "markdown":
+        typer.echo(to_markdown(result))
+    else:
+        console = Console(soft_wrap=False, width=200)
+        for pair in result.comparisons:
+            for item in pair_tables(pair, result.alpha):
+                console.print(item)
+    if plot is not None and output_format == "table":
+        typer.echo(f"wrote {plot}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Text
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def _value(metric: str, value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if "loss" in metric else _pct(value)
+
+
+def _delta(metric: str, value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:+.3f}" if "loss" in metric else f"{100 * value:+.2f}"
+
+
+def _interval(metric: str, row: DeltaRow) -> str:
+    if row.delta_low is None or row.delta_high is None:
+        return "-"
+    if metric == "loss":
+        return f"[{row.delta_low:+.3f}, {row.delta_high:+.3f}]"
+    return f"[{100 * row.delta_low:+.1f}, {100 * row.delta_high:+.1f}]"
+
+
+def _p(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value < 1e-300:
+        return "<1e-300"
+    return f"{value:.2g}" if value < 0.001 else f"{value:.3f}"
+
+
+def _title(pair: PairComparison) -> str:
+    return (f"{pair.other.name} ({pair.other.id[:12]}, {pair.other.lens}) vs reference "
+            f"{pair.reference.name} ({pair.reference.id[:12]}, {pair.reference.lens})")
+
+
+def _label(kind: str, row: DeltaRow) -> str:
+    if kind == "overall":
+        return "all"
+    if kind == "cell":
+        return f"{row.layer}/{row.position}"
+    return str(row.layer if kind == "layer" else row.position)
+
+
+def _rows(pair: PairComparison, kind: str) -> list[DeltaRow]:
+    return [pair.overall] if kind == "overall" else getattr(pair, f"by_{kind}")
+
+
+def _headers(pair: PairComparison, key: str, alpha: float) -> list[str]:
+    m = pair.metric
+    return [key, "States", f"Ref {m}", f"Run {m}", "Δ top-1", "Δ top-5", "Δ top-10", "Δ loss",
+            f"Δ {m} {100 * (1 - alpha):g}% CI", "p", "p (Holm)", "Sig."]
+
+
+def _cells(pair: PairComparison, kind: str, row: DeltaRow) -> list[str]:
+    m = pair.metric
+    states = f"{row.n_reference:,}" if row.n_reference == row.n_other else f"{row.n_reference:,} / {row.n_other:,}"
+    return [
+        _label(kind, row), states, _value(m, getattr(row, f"reference_{m}")), _value(m, getattr(row, f"other_{m}")),
+        _delta("top1", row.delta_top1), _delta("top5", row.delta_top5), _delta("top10", row.delta_top10),
+        _delta("loss", row.delta_loss), _interval(m, row), _p(row.p_value), _p(row.p_holm),
+        MARK if row.significant else "",
+    ]
+
+
+def _summary(pair: PairComparison) -> str:
+    head = f"{_title(pair)}: " + ("paired" if pair.paired else "unpaired")
+    lines = [head, f"statistics: {pair.statistics}"]
+    if pair.note:
+        lines.append(f"note: {pair.note}")
+    lines.append(f"deltas are run - reference (top-k in points, loss in nats; {MARK} = significant)")
+    return "\n".join(lines)
+
+
+def pair_tables(pair: PairComparison, alpha: float) -> list[Any]:
+    """The rich renderables of one comparison, in reading order."""
+    items: list[Any] = [_summary(pair)]
+    config = Table(title="Config differences")
+    for column in ("Key", "Reference", "Run", "Changed"):
+        config.add_column(column)
+    for change in pair.config:
+        config.add_row(change.key, _show(change.reference), _show(change.other), "yes" if change.changed else "")
+    if not pair.config:
+        config.add_row("(none)", "", "", "")
+    items.append(config)
+    headline = Table(title="Headline (test, each run's own states)")
+    for column in ("Metric", "Reference", "Run", "Delta"):
+        headline.add_column(column, justify="right")
+    for row in pair.headline:
+        headline.add_row(row.metric, _value(row.metric, row.reference), _value(row.metric, row.other),
+                         _delta(row.metric, row.delta))
+    items.append(headline)
+    for kind, title, key in (("overall", "Overall", "Rows"), ("layer", "By layer", "Layer"),
+                             ("position", "By position", "Position")):
+        table = Table(title=f"{title} (test, {pair.metric} tested)")
+        for column in _headers(pair, key, alpha):
+            table.add_column(column, justify="right")
+        for row in _rows(pair, kind):
+            table.add_row(*_cells(pair, kind, row))
+        items.append(table)
+    items.append(grid(pair))
+    return items
+
+
+def _grid_lines(pair: PairComparison) -> tuple[str, list[str], list[list[str]]]:
+    """Title, position headers and one line per layer (layer, then the cells) of the delta grid."""
+    layers = sorted({row.layer for row in pair.by_cell if row.layer is not None})
+    positions = sorted({row.position for row in pair.by_cell if row.position is not None})
+    unit = "nats" if pair.metric == "loss" else "points"
+    title = f"Δ {pair.metric} by layer (rows) x position (columns), {unit}; {MARK} significant"
+    cells = {(row.layer, row.position): row for row in pair.by_cell}
+    lines = []
+    for layer in layers:
+        line = [str(layer)]
+        for position in positions:
+            row = cells.get((layer, position))
+            line.append("" if row is None else _delta(pair.metric, getattr(row, f"delta_{pair.metric}"))
+                        + (MARK if row.significant else ""))
+        lines.append(line)
+    return title, [str(position) for position in positions], lines
+
+
+def grid(pair: PairComparison) -> Table:
+    """Layer x position grid of the delta of the comparison's metric, significant cells marked."""
+    title, positions, lines = _grid_lines(pair)
+    table = Table(title=title)
+    for column in ("Layer", *positions):
+        table.add_column(column, justify="right")
+    for line in lines:
+        table.add_row(*line)
+    return table
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    import json
+
+    return json.dumps(value)
+
+
+def to_markdown(result: Comparison) -> str:
+    """The comparison as Markdown: a section per compared run with pipe tables."""
+    lines = [f"# Comparison against {result.reference.name} ({result.reference.id[:12]})", ""]
+    for pair in result.comparisons:
+        lines += [f"## {_title(pair)}", "", f"- paired: {'yes' if pair.paired else 'no'}",
+                  f"- statistics: {pair.statistics}"]
+        if pair.note:
+            lines.append(f"- note: {pair.note}")
+        lines += ["- deltas are run - reference (top-k in points, loss in nats); `*` marks significant rows", ""]
+        lines += ["### Config differences", "", *_md_table(
+            ["Key", "Reference", "Run", "Changed"],
+            [[c.key, _show(c.reference), _show(c.other), "yes" if c.changed else ""] for c in pair.config]
+            or [["(none)", "", "", ""]],
+        ), ""]
+        lines += ["### Headline", "", *_md_table(
+            ["Metric", "Reference", "Run", "Delta"],
+            [[r.metric, _value(r.metric, r.reference), _value(r.metric, r.other), _delta(r.metric, r.delta)]
+             for r in pair.headline],
+        ), ""]
+        for kind, title, key in (("overall", "Overall", "Rows"), ("layer", "By layer", "Layer"),
+                                 ("position", "By position", "Position"), ("cell", "By cell", "Layer/position")):
+            lines += [f"### {title}", "", *_md_table(_headers(pair, key, result.alpha),
+                                                     [_cells(pair, kind, row) for row in _rows(pair, kind)]), ""]
+        title, positions, grid_lines = _grid_lines(pair)
+        lines += [f"### {title}", "", *_md_table(["Layer", *positions], grid_lines), ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+
+    return [line(header), line(["---"] * len(header)), *(line(row) for row in rows)]
+
+
+CSV_COLUMNS = ("reference_run", "run", "paired", "metric", "table", "layer", "position", *DeltaRow.model_fields)
+
+
+def to_csv(result: Comparison) -> str:
+    """The delta rows of every comparison (overall, by layer, by position, by cell) as CSV with a header."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(CSV_COLUMNS)), lineterminator="\n")
+    writer.writeheader()
+    for pair in result.comparisons:
+        for kind in TABLES:
+            for row in _rows(pair, kind):
+                values = row.model_dump()
+                writer.writerow({
+                    "reference_run": pair.reference.id, "run": pair.other.id, "paired": pair.paired,
+                    "metric": pair.metric, "table": kind,
+                    **{key: "" if value is None else value for key, value in values.items()},
+                })
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Figure
+
+
+def comparison_figure(result: Comparison) -> Figure:
+    """For each compared run: a layer x position heatmap of the delta and per-position bars with intervals.
+
+    Significant cells and bars are marked with ``*``; the colour scale is symmetric around 0 (blue is better:
+    higher top-k, lower loss).
+    """
+    import math
+
+    from matplotlib.figure import Figure
+
+    pairs = result.comparisons
+    metric = result.metric
+    scale = 1.0 if metric == "loss" else 100.0
+    unit = "nats" if metric == "loss" else "points"
+    figure = Figure(figsize=(12.0, 4.2 * len(pairs)))
+    axes_grid = figure.subplots(len(pairs), 2, squeeze=False)
+    for (heat, bars), pair in zip(axes_grid, pairs, strict=True):
+        layers = sorted({row.layer for row in pair.by_cell if row.layer is not None})
+        positions = sorted({row.position for row in pair.by_cell if row.position is not None})
+        values = [[math.nan] * len(positions) for _ in layers]
+        marks = [[False] * len(positions) for _ in layers]
+        for row in pair.by_cell:
+            delta = getattr(row, f"delta_{metric}")
+            if delta is not None and row.layer is not None and row.position is not None:
+                i, j = layers.index(row.layer), positions.index(row.position)
+                values[i][j], marks[i][j] = scale * delta, row.significant
+        finite = [abs(v) for line in values for v in line if not math.isnan(v)]
+        top = max(finite, default=0.0) or 1.0
+        image = heat.imshow(values, cmap="RdBu_r" if metric == "loss" else "RdBu", vmin=-top, vmax=top,
+                            aspect="auto", origin="lower")
+        for i, line in enumerate(values):
+            for j, value in enumerate(line):
+                if not math.isnan(value):
+                    text = f"{value:+.1f}" if metric != "loss" else f"{value:+.2f}"
+                    heat.text(j, i, text + ("*" if marks[i][j] else ""), ha="center", va="center", fontsize=7,
+                              color="white" if abs(value) > 0.6 * top else "black")
+        heat.set_xticks(range(len(positions)), [str(p) for p in positions])
+        heat.set_yticks(range(len(layers)), [str(layer) for layer in layers])
+        heat.set_xlabel("position")
+        heat.set_ylabel("layer")
+        heat.set_title(f"Δ {metric} ({unit}): {pair.other.name} - {pair.reference.name}", fontsize=9)
+        figure.colorbar(image, ax=heat, label=f"Δ {metric} ({unit})")
+
+        rows = [row for row in pair.by_position if row.position is not None]
+        xs = list(range(len(rows)))
+        deltas = [scale * (getattr(row, f"delta_{metric}") or 0.0) for row in rows]
+        below = [max(d - scale * row.delta_low, 0.0) if row.delta_low is not None else 0.0
+                 for d, row in zip(deltas, rows, strict=True)]
+        above = [max(scale * row.delta_high - d, 0.0) if row.delta_high is not None else 0.0
+                 for d, row in zip(deltas, rows, strict=True)]
+        sign = -1.0 if metric == "loss" else 1.0  # which direction is better
+        colours = [("tab:blue" if sign * d > 0 else "tab:red") if row.significant else "tab:grey"
+                   for d, row in zip(deltas, rows, strict=True)]
+        bars.bar(xs, deltas, yerr=[below, above], capsize=4, color=colours, alpha=0.85)
+        bars.axhline(0.0, color="black", linewidth=0.8)
+        top_end = max([0.0] + [d + up for d, up in zip(deltas, above, strict=True)])
+        bottom_end = min([0.0] + [d - down for d, down in zip(deltas, below, strict=True)])
+        span = (top_end - bottom_end) or 1.0
+        for x, d, row, up, down in zip(xs, deltas, rows, above, below, strict=True):
+            if row.significant:
+                y, va = (d + up + 0.02 * span, "bottom") if d >= 0 else (d - down - 0.02 * span, "top")
+                bars.text(x, y, "*", ha="center", va=va, fontsize=12)
+        bars.set_ylim(bottom_end - 0.12 * span, top_end + 0.12 * span)
+        bars.set_xticks(xs, [str(row.position) for row in rows])
+        bars.set_xlabel("position")
+        bars.set_ylabel(f"Δ {metric} ({unit})")
+        level = 100 * (1 - result.alpha)
+        kind = "paired" if pair.paired else "unpaired"
+        bars.set_title(f"Δ {metric} by position, {level:g}% {kind} interval; * significant", fontsize=9)
+    figure.tight_layout()
+    return figure

@@ -1,0 +1,303 @@
+"""Registry commands: ``runs``, ``show``, ``best``, ``report``, ``ui``, ``delete`` and ``db``.
+
+Thin: each command resolves the locations, calls the registry library and prints a table or JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+from rich.table import Table
+
+from ctexp.cli.app import stdout_console
+from ctexp.cli.options import (
+    DbOption,
+    ExperimentFilter,
+    HomeOption,
+    JsonOption,
+    LensFilter,
+    RunArgument,
+    SplitFilter,
+    TargetFilter,
+    TrackingOption,
+)
+from ctexp.errors import ConfigError, RegistryError
+from ctexp.registry.locations import Locations
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def parse_since(text: str) -> datetime:
+    """``2026-11-30``, ``2026-11-30T08:00``, or a relative ``90m`` / ``12h`` / ``7d`` (UTC)."""
+    relative = re.fullmatch(r"(\d+)\s*([mhd])", text.strip())
+    if relative:
+        amount, unit = int(relative.group(1)), relative.group(2)
+        delta = {"m": timedelta(minutes=amount), "h": timedelta(hours=amount), "d": timedelta(days=amount)}[unit]
+        return datetime.now(UTC) - delta
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(f"--since {text!r} is not a date; use 2026-11-30, 2026-11-30T08:00, 90m, 12h or 7d") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the registry commands to the ``ctexp`` app."""
+    app.command("runs")(runs)
+    app.command("show")(show)
+    app.command("best")(best)
+    app.command("report")(report)
+    app.command("ui")(ui)
+    app.command("delete")(delete)
+    db_app = typer.Typer(help="The results database's schema (Alembic migrations).", no_args_is_help=True)
+    db_app.command("upgrade")(db_upgrade)
+    db_app.command("current")(db_current)
+    app.add_typer(db_app, name="db")
+
+
+def runs(
+    experiment: ExperimentFilter = None,
+    lens: LensFilter = None,
+    split: SplitFilter = None,
+    target: TargetFilter = None,
+    status: Annotated[str | None, typer.Option(help="RUNNING, FINISHED, FAILED, KILLED or PRUNED.")] = None,
+    since: Annotated[str | None, typer.Option(help="Started since: 2026-11-30, 12h, 7d.")] = None,
+    sweep: Annotated[int | None, typer.Option(help="Only trials of this sweep id.")] = None,
+    sort: Annotated[str, typer.Option(help="started_at or a headline metric (test_top1, test_loss, ...).")] = "started_at",
+    ascending: Annotated[bool, typer.Option("--ascending", help="Sort ascending.")] = False,
+    limit: Annotated[int, typer.Option(help="At most this many runs.")] = 50,
+    home: HomeOption = None,
+    db_url: DbOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List runs, filtered and sorted.
+
+    Example: ctexp runs --lens layer-position --sort test_top1 --limit 10
+    """
+    if limit < 1:
+        raise ConfigError("--limit must be at least 1")
+    with Locations.resolve(home, db_url).registry() as registry:
+        records = registry.list_runs(
+            experiment=experiment, lens=lens, split=split, target=target,
+            status=status.upper() if status else None, since=parse_since(since) if since else None,
+            sweep_id=sweep, sort=sort, descending=not ascending, limit=limit,
+        )
+    if as_json:
+        typer.echo(json.dumps([record.to_json() for record in records], indent=2))
+        return
+    table = Table(title=f"Runs ({len(records)})")
+    for column in ("Id", "Name", "Experiment", "Status", "Lens", "Split", "Target", "Test top-1 [95% CI]",
+                   "Prior", "Identity", "Sweep/trial", "Started (UTC)"):
+        table.add_column(column)
+    for r in records:
+        interval = f" [{100 * r.test_top1_low:.1f}, {100 * r.test_top1_high:.1f}]" if r.test_top1_low is not None else ""
+        trial = f"{r.sweep_id}/{r.trial_number}" if r.sweep_id is not None else "-"
+        table.add_row(
+            r.id[:12], r.name, r.experiment, r.status.value, r.lens, r.split, r.target,
+            _pct(r.test_top1) + interval, _pct(r.prior_top1), _pct(r.identity_top1), trial,
+            f"{r.started_at:%Y-%m-%d %H:%M:%S}",
+        )
+    stdout_console().print(table)
+
+
+def show(run: RunArgument, home: HomeOption = None, db_url: DbOption = None, as_json: JsonOption = False) -> None:
+    """Print a run's configuration and its tables, from the results database.
+
+    Example: ctexp show latest
+    """
+    from ctexp.cli.render import breakdown_table, epochs_table, grid_table
+
+    with Locations.resolve(home, db_url).registry() as registry:
+        record = registry.resolve(run)
+        epochs = registry.epochs(record.id)
+        tables = {by: registry.results(record.id, by) for by in ("layer", "position", "cell")}
+    if as_json:
+        payload = {
+            "run": record.to_json(),
+            "epochs": [epoch.model_dump() for epoch in epochs],
+            **{f"by_{by}": [row.model_dump(mode="json") for row in rows] for by, rows in tables.items()},
+        }
+        typer.echo(json.dumps(payload, indent=2))
+        return
+    console = stdout_console()
+    console.print(f"run {record.id} ({record.name}) in experiment {record.experiment}: {record.status.value}")
+    if record.error:
+        console.print(f"error: {record.error}")
+    console.print_json(json.dumps(record.config))
+    if epochs:
+        stopped = len(epochs) < record.config.get("train", {}).get("epochs", len(epochs) + 1)
+        console.print(epochs_table(epochs, record.best_epoch, stopped))
+    if tables["layer"]:
+        console.print(breakdown_table("Performance by layer (test)", "layer", [r.as_group_metrics() for r in tables["layer"]]))
+        console.print(
+            breakdown_table("Performance by position (test)", "position", [r.as_group_metrics() for r in tables["position"]])
+        )
+        console.print(grid_table([r.as_group_metrics() for r in tables["cell"]]))
+
+
+def best(
+    by: Annotated[Literal["position", "layer", "cell"], typer.Option(help="position, layer or cell.")] = "position",
+    metric: Annotated[str, typer.Option(help="top1, top5, top10 or loss.")] = "top1",
+    experiment: ExperimentFilter = None,
+    lens: LensFilter = None,
+    split: SplitFilter = None,
+    target: TargetFilter = None,
+    home: HomeOption = None,
+    db_url: DbOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Which run is best at each position, layer or cell, across the registry.
+
+    Example: ctexp best --by position --metric top1 --target first
+    """
+    with Locations.resolve(home, db_url).registry() as registry:
+        rows = registry.best(by, metric, experiment=experiment, lens=lens, split=split, target=target)
+    if as_json:
+        typer.echo(json.dumps([row.model_dump(mode="json") for row in rows], indent=2))
+        return
+    keys = {"position": ["position"], "layer": ["layer"], "cell": ["layer", "position"]}[by]
+    table = Table(title=f"Best run by {by} ({metric}, test)")
+    for column in [k.capitalize() for k in keys] + [metric, "95% CI", "States", "Run", "Name", "Lens", "Split",
+                                                      "Target"]:
+        table.add_column(column)
+    for row in rows:
+        value = f"{row.value:.3f}" if metric == "loss" else _pct(row.value)
+        interval = "-" if row.low is None else (
+            f"[{row.low:.3f}, {row.high:.3f}]" if metric == "loss" else f"[{100 * row.low:.1f}, {100 * row.high:.1f}]"
+        )
+        table.add_row(*[str(getattr(row, k)) for k in keys], value, interval, f"{row.n:,}", row.run_id[:12],
+                      row.run_name, row.lens, row.split, row.target)
+    stdout_console().print(table)
+
+
+def report(
+    run: RunArgument,
+    out: Annotated[Path | None, typer.Option(help="Markdown file to write [HOME/runs/RUN_ID/report.md].")] = None,
+    home: HomeOption = None,
+    db_url: DbOption = None,
+    tracking_uri: TrackingOption = None,
+) -> None:
+    """Write a Markdown report in the shape of the reference write-up, and log it to MLflow.
+
+    Example: ctexp report latest --out report.md
+    """
+    from ctexp.analysis.figures import save_figures
+    from ctexp.analysis.report import render_report
+    from ctexp.analysis.result import RunResult
+
+    locations = Locations.resolve(home, db_url, tracking_uri)
+    with locations.registry() as registry:
+        record = registry.resolve(run)
+        epochs = registry.epochs(record.id)
+        layers, positions, cells = (registry.results(record.id, by) for by in ("layer", "position", "cell"))
+    if record.status.value != "FINISHED":
+        raise RegistryError(f"run {record.id[:12]} is {record.status.value}; only a finished run has results to report")
+    run_dir = locations.home / "runs" / record.id
+    saved = RunResult.model_validate_json((run_dir / "result.json").read_text()) if (run_dir / "result.json").is_file() else None
+    target = (out or run_dir / "report.md").resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    figures = save_figures(saved, target.parent) if saved is not None else []
+    text = render_report(record, epochs, layers, positions, cells, saved.samples if saved else [],
+                         [figure.name for figure in figures])
+    with tempfile.NamedTemporaryFile("w", dir=target.parent, delete=False, suffix=".tmp", encoding="utf-8") as handle:
+        handle.write(text)
+    Path(handle.name).replace(target)
+    if record.mlflow_run_id:
+        tracker = locations.tracker()
+        for path in [target, *figures]:
+            tracker.log_artifact(record.mlflow_run_id, path, "report")
+    typer.echo(f"wrote {target}")
+
+
+def ui(
+    port: Annotated[int, typer.Option(help="Port.")] = 5000,
+    host: Annotated[str, typer.Option(help="Interface to bind; 127.0.0.1 keeps it on this machine.")] = "127.0.0.1",
+    home: HomeOption = None,
+    tracking_uri: TrackingOption = None,
+) -> None:
+    """Start the MLflow UI on the run store (loopback only unless --host says otherwise).
+
+    Example: ctexp ui --port 5000
+    """
+    locations = Locations.resolve(home, None, tracking_uri)
+    tracker = locations.tracker()
+    tracker.check()
+    artifacts = tracker.artifact_location or (locations.home / "artifacts").as_uri()
+    command = [
+        sys.executable, "-m", "mlflow", "server", "--backend-store-uri", locations.tracking_uri,
+        "--default-artifact-root", artifacts, "--host", host, "--port", str(port), "--workers", "1",
+    ]
+    typer.echo(f"MLflow UI at http://{host}:{port} (store {tracker.display_uri}); Ctrl-C stops it", err=True)
+    process = subprocess.Popen(command)
+    try:
+        code = process.wait()
+    except KeyboardInterrupt:
+        process.terminate()
+        process.wait(timeout=10)
+        return
+    if code != 0:
+        raise RegistryError(f"the MLflow server exited with code {code}; is port {port} free?")
+
+
+def delete(
+    run: RunArgument,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+    home: HomeOption = None,
+    db_url: DbOption = None,
+    tracking_uri: TrackingOption = None,
+) -> None:
+    """Remove a run from the results database, MLflow and the run directory.
+
+    Example: ctexp delete 3f2a9c --yes
+    """
+    locations = Locations.resolve(home, db_url, tracking_uri)
+    with locations.registry() as registry:
+        record = registry.resolve(run)
+        if not yes and not typer.confirm(f"delete run {record.id[:12]} ({record.name})?"):
+            raise typer.Exit(1)
+        if record.mlflow_run_id:
+            locations.tracker().delete_run(record.mlflow_run_id)
+        shutil.rmtree(locations.home / "runs" / record.id, ignore_errors=True)
+        registry.delete_run(record.id)  # last: the SQL row is the commit point
+    typer.echo(f"deleted run {record.id} ({record.name})")
+
+
+def db_upgrade(home: HomeOption = None, db_url: DbOption = None) -> None:
+    """Upgrade the results database to this ctexp's schema.
+
+    Example: ctexp db upgrade --db-url postgresql+psycopg://postgres@127.0.0.1/ctexp
+    """
+    from ctexp.registry.db import Registry
+
+    locations = Locations.resolve(home, db_url)
+    with Registry(locations.db_url, upgrade=True) as registry:
+        typer.echo(f"schema at revision {registry.current_revision()} (head {registry.head_revision()})")
+
+
+def db_current(home: HomeOption = None, db_url: DbOption = None, as_json: JsonOption = False) -> None:
+    """Show the results database's schema revision and this ctexp's head revision.
+
+    Example: ctexp db current
+    """
+    from ctexp.registry.db import Registry, mask_url
+
+    locations = Locations.resolve(home, db_url)
+    with Registry(locations.db_url, upgrade=False, check_schema=False) as registry:
+        current, head = registry.current_revision(), registry.head_revision()
+    if as_json:
+        typer.echo(json.dumps({"url": mask_url(locations.db_url), "current": current, "head": head}))
+        return
+    state = "up to date" if current == head else ("empty" if current is None else "behind: run ctexp db upgrade")
+    typer.echo(f"{mask_url(locations.db_url)}: revision {current or '-'} (head {head}), {state}")
+

@@ -1,0 +1,129 @@
+"""Rich tables for results, in the shape of the reference write-up. Pure functions: data in, tables out."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from rich.table import Table
+
+from ctexp.analysis.result import EpochMetrics, GroupMetrics, RunResult
+from ctexp.data.align import AlignedProblem
+from ctexp.data.tokenizers import Tokenizer
+
+
+def pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def pct_ci(row: GroupMetrics, metric: str = "top1") -> str:
+    interval = row.ci.get(metric)
+    value = getattr(row, metric)
+    if value is None:
+        return "-"
+    if interval is None:
+        return pct(value)
+    return f"{100 * value:.2f}% [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]"
+
+
+def signed_points(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:+.2f}"
+
+
+def epochs_table(epochs: list[EpochMetrics], best_epoch: int | None, stopped_early: bool) -> Table:
+    table = Table(title="Training progress (validation)")
+    for column in ("Epoch", "Train loss", "Val loss", "Top-1", "Top-5", "Top-10", "Seconds", "Notes"):
+        table.add_column(column, justify="right" if column != "Notes" else "left")
+    last = epochs[-1].epoch if epochs else None
+    for epoch in epochs:
+        notes = []
+        if epoch.epoch == best_epoch:
+            notes.append("best model")
+        if epoch.epoch == last and stopped_early:
+            notes.append("early stopping")
+        table.add_row(
+            str(epoch.epoch), f"{epoch.train_loss:.4f}", f"{epoch.val_loss:.4f}", pct(epoch.val_top1),
+            pct(epoch.val_top5), pct(epoch.val_top10), f"{epoch.seconds:.2f}", ", ".join(notes),
+        )
+    return table
+
+
+def breakdown_table(title: str, key: str, rows: Iterable[GroupMetrics], empty: list[int] | None = None) -> Table:
+    """By-layer or by-position test metrics with intervals, baselines and lifts."""
+    table = Table(title=title)
+    columns = [key.capitalize(), "States", "Loss", "Top-1 [95% CI]", "Top-5", "Top-10", "Prior top-1",
+               "Identity top-1", "Lift vs prior", "Lift vs identity"]
+    if empty is not None:
+        columns.append("Empty slices")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for row in rows:
+        label = getattr(row, key) if key in ("layer", "position") else "all"
+        cells = [
+            str(label), f"{row.n:,}", "-" if row.loss is None else f"{row.loss:.3f}", pct_ci(row),
+            pct(row.top5), pct(row.top10), pct(row.prior_top1), pct(row.identity_top1),
+            signed_points(row.lift_prior), signed_points(row.lift_identity),
+        ]
+        if empty is not None:
+            cells.append(str(empty[row.position]) if row.position is not None else "-")
+        table.add_row(*cells)
+    return table
+
+
+def grid_table(cells: list[GroupMetrics], metric: str = "top1", title: str | None = None) -> Table:
+    """Layer x position grid of a metric (or of a signed delta, when ``title`` says so)."""
+    layers = sorted({row.layer for row in cells if row.layer is not None})
+    positions = sorted({row.position for row in cells if row.position is not None})
+    table = Table(title=title or f"Test {metric} by layer (rows) x position (columns)")
+    table.add_column("Layer", justify="right")
+    for position in positions:
+        table.add_column(str(position), justify="right")
+    values = {(row.layer, row.position): getattr(row, metric) for row in cells}
+    for layer in layers:
+        table.add_row(str(layer), *[pct(values.get((layer, position))) for position in positions])
+    return table
+
+
+def samples_table(result: RunResult) -> Table:
+    table = Table(title="Sample predictions (test)")
+    for column in ("Layer", "Position", "CoT steps", "Slice", "Target", "Top-3 predicted", "Correct"):
+        table.add_column(column)
+    for sample in result.samples:
+        predicted = ", ".join(f"{t.token!r} ({100 * (t.prob or 0):.1f}%)" for t in sample.predictions[:3])
+        verdict = "yes" if sample.correct else ("top-5" if sample.in_top5 else "no")
+        table.add_row(
+            str(sample.layer), str(sample.position), " ".join(sample.steps), repr("".join(sample.slice_tokens)),
+            ", ".join(f"{t.token!r} ({t.id})" for t in sample.targets), predicted, verdict,
+        )
+    return table
+
+
+def run_tables(result: RunResult) -> list[Table]:
+    """All tables of a run, in reading order."""
+    tables = [epochs_table(result.epochs, result.best_epoch, result.stopped_early)] if result.epochs else []
+    tables += [
+        breakdown_table("Test overall", "overall", [result.overall]),
+        breakdown_table("Performance by layer (test)", "layer", result.by_layer),
+        breakdown_table("Performance by position (test)", "position", result.by_position, result.data.empty["empty"]),
+        grid_table(result.by_cell),
+        samples_table(result),
+    ]
+    return tables
+
+
+def alignment_table(problems: list[AlignedProblem], tokenizer: Tokenizer) -> Table:
+    """Each problem's CoT and, per position, its slice and targets."""
+    table = Table(title="Aligned CoT tokens (slice -> targets)")
+    table.add_column("Problem")
+    table.add_column("CoT")
+    n_positions = len(problems[0].positions) if problems else 0
+    for position in range(n_positions):
+        table.add_column(f"Pos {position}")
+    for problem in problems:
+        cells = []
+        for alignment in problem.positions:
+            tokens = "|".join(tokenizer.token_str(t) for t in alignment.token_ids)
+            targets = ",".join(repr(tokenizer.token_str(t)) for t in alignment.target_ids) or "-"
+            source = f" (from {alignment.filled_from})" if alignment.filled_from is not None else ""
+            cells.append(f"{tokens!r} -> {targets}{source}")
+        table.add_row(problem.id, " ".join(problem.steps), *cells)
+    return table

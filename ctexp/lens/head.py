@@ -1,0 +1,278 @@
+"""The frozen head: the model's final norm and unembedding, and the loss kernels through it.
+
+The loss against the frozen head (``head_loss_and_grad``) works through chunks of samples of bounded
+size, so no ``[batch, L, vocab]`` logits tensor is held for a whole batch, and since the head is frozen
+and each state's loss depends on its own row alone, it computes each state's gradient with respect to
+the lens output while the logits are at hand: the unembedding products are done exactly twice per
+step (logits, and gradient back to the input), the floor for this loss. ``head_cross_entropy`` is the
+same loss as an autograd function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ctexp.data.store import NormSpec, Store
+
+
+class Head(nn.Module):
+    """The frozen final norm and unembedding; the norm is skipped for states that already had it."""
+
+    def __init__(self, store: Store, layers: list[int]) -> None:
+        super().__init__()
+        self.norm_spec: NormSpec = store.meta.norm
+        self.register_buffer("norm_weight", store.norm_weight.float().clone())  # (d,)
+        bias = store.norm_bias.float().clone() if store.norm_bias is not None else torch.zeros_like(self.norm_weight)
+        self.register_buffer("norm_bias", bias)  # (d,)
+        self.register_buffer("unembed", store.unembed.float().clone())  # (V, d)
+        needs = [layer not in store.meta.normed_states for layer in layers]
+        self.register_buffer("needs_norm", torch.tensor(needs, dtype=torch.bool))  # (L,)
+        self._norm_layers = "all" if all(needs) else "none" if not any(needs) else "some"
+
+    @property
+    def vocab(self) -> int:
+        return int(self.unembed.shape[0])
+
+    def normalize(self, h: torch.Tensor) -> torch.Tensor:
+        """Apply the final norm to the layers that need it. h: (B, L, d)."""
+        return self.normalize_saving(h)[0]
+
+    def normalize_saving(self, h: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """``normalize(h)``, and what ``normalize_backward`` needs: the unit-scaled states and 1/rms."""
+        if self._norm_layers == "none":
+            return h, None
+        if self.norm_spec.kind == "rmsnorm":
+            inv = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.norm_spec.eps)
+            unit = h * inv
+            normed = unit * self.norm_weight
+        else:
+            centered = h - h.mean(-1, keepdim=True)
+            inv = torch.rsqrt(centered.pow(2).mean(-1, keepdim=True) + self.norm_spec.eps)
+            unit = centered * inv
+            normed = unit * self.norm_weight + self.norm_bias
+        if self._norm_layers == "some":
+            normed = torch.where(self.needs_norm.view(1, -1, 1), normed, h)  # (B, L, d)
+        return normed, (unit, inv)
+
+    def normalize_backward(
+        self, h: torch.Tensor, grad: torch.Tensor, saved: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """The gradient with respect to ``h`` of ``(normalize(h) * grad).sum()``, without autograd.
+
+        ``saved`` is the second value of ``normalize_saving(h)`` (recomputed when not given).
+        """
+        if self._norm_layers == "none":
+            return grad
+        unit, inv = saved if saved is not None else self.normalize_saving(h)[1]
+        g = grad * self.norm_weight
+        if self.norm_spec.kind == "layernorm":
+            g = g - g.mean(-1, keepdim=True)
+        grad_h = torch.addcmul(g, unit, (g * unit).mean(-1, keepdim=True), value=-1).mul_(inv)
+        if self._norm_layers == "all":
+            return grad_h
+        return torch.where(self.needs_norm.view(1, -1, 1), grad_h, grad)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.normalize(h) @ self.unembed.T  # (B, L, V)
+
+    def unembed_as(self, dtype: torch.dtype) -> torch.Tensor:
+        """The unembedding in ``dtype`` (V, d), converted once and cached, not once per step.
+
+        The cache follows the buffer: a new device, a new tensor or an in-place change converts again.
+        """
+        if dtype == self.unembed.dtype:
+            return self.unembed
+        key = (dtype, self.unembed.device, self.unembed.data_ptr(), self.unembed._version)
+        cached = self.__dict__.get("_unembed_cast")
+        if cached is None or cached[0] != key:
+            cached = (key, self.unembed.detach().to(dtype).contiguous())
+            self.__dict__["_unembed_cast"] = cached
+        return cached[1]
+
+
+
+LOSS_CHUNK_ELEMENTS = 1 << 24  # at most this many [rows, vocab] logits at once in ``head_loss_and_grad`` (64 MiB fp32)
+
+
+@dataclass(frozen=True)
+class LossTargets:
+    """-1-padded targets (B, K) as ``head_loss_and_grad`` uses them, prepared once per split.
+
+    ``weight`` is 1/n_valid on valid targets and 0 on padding, so that a sample's loss is the mean
+    cross-entropy over its targets (as in ``scores``); ``has_target`` (B,) is None when every sample
+    has a target (the usual case: it spares a multiplication per step).
+    """
+
+    index: torch.Tensor  # (B, K) target ids, padding clamped to 0
+    weight: torch.Tensor  # (B, K) float32
+    has_target: torch.Tensor | None  # (B,) float32
+
+    @classmethod
+    def of(cls, targets: torch.Tensor) -> LossTargets:
+        valid = targets >= 0
+        weight = valid.float()
+        weight = weight / weight.sum(-1, keepdim=True).clamp(min=1)
+        has_target = valid.any(-1)
+        return cls(targets.clamp(min=0), weight, None if bool(has_target.all()) else has_target.float())
+
+    def select(self, batch: torch.Tensor) -> LossTargets:
+        """The targets of the samples ``batch`` (indices)."""
+        has = None if self.has_target is None else self.has_target.index_select(0, batch)
+        return LossTargets(self.index.index_select(0, batch), self.weight.index_select(0, batch), has)
+
+
+def head_loss_and_grad(
+    h: torch.Tensor,
+    head: Head,
+    targets: torch.Tensor | LossTargets,
+    dtype: torch.dtype = torch.float32,
+    mean: bool = False,
+    need_grad: bool = True,
+    chunk_elements: int = LOSS_CHUNK_ELEMENTS,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Cross-entropy of translated states through the frozen head, and its gradient, in chunks.
+
+    Per chunk of samples: the norm, logits in ``dtype``, ``log_softmax`` in float32 and the targets'
+    log-probabilities; then, for the gradient, the softmax minus the weighted one-hot of the targets
+    multiplied back through the unembedding (and, once, back through the norm). A state's loss
+    depends on its own row alone and the head is frozen, so this is d(loss)/d(h) for every state,
+    computed while the logits are at hand: the two unembedding products (logits, and gradient to the
+    input) are the only large ones, and no ``[B, L, V]`` tensor for the whole batch is ever held
+    (at most ``chunk_elements`` logits, at least one sample's). Nothing here synchronises with the device.
+
+    Args:
+        h: (B, L, d) lens outputs (before the final norm), float32.
+        head: the frozen norm and unembedding.
+        targets: (B, K) -1 padded (several targets: the mean of their cross-entropies), or the same
+            prepared by ``LossTargets.of``.
+        dtype: of the unembedding products: float32, or bfloat16 for speed; the softmax is float32.
+        mean: return the mean over states (and its gradient) instead of per-state losses.
+        need_grad: compute the gradient (else the second value is None).
+
+    Returns:
+        loss, (B, L) or a scalar, float32; and d(loss.sum())/dh (B, L, d), float32, or None.
+    """
+    prepared = targets if isinstance(targets, LossTargets) else LossTargets.of(targets)
+    unembed = head.unembed_as(dtype)
+    if torch.is_grad_enabled():
+        with torch.no_grad():
+            return _head_loss_and_grad(h, head, unembed, prepared, dtype, mean, need_grad, chunk_elements)
+    return _head_loss_and_grad(h, head, unembed, prepared, dtype, mean, need_grad, chunk_elements)
+
+
+def _head_loss_and_grad(
+    h: torch.Tensor, head: Head, unembed: torch.Tensor, prepared: LossTargets, dtype: torch.dtype, mean: bool,
+    need_grad: bool, chunk_elements: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``head_loss_and_grad`` with autograd off."""
+    batch, n_layers, hidden = h.shape
+    chunk = max(1, chunk_elements // max(1, n_layers * unembed.shape[0]))
+    x, saved = head.normalize_saving(h)
+    rows = x.reshape(batch * n_layers, hidden)
+    index = prepared.index.unsqueeze(1).expand(-1, n_layers, -1)  # (B, L, K)
+    weight = prepared.weight.unsqueeze(1).expand(-1, n_layers, -1)  # (B, L, K)
+    loss = h.new_empty(batch, n_layers, dtype=torch.float32)
+    grad = h.new_empty(batch * n_layers, hidden, dtype=torch.float32) if need_grad else None
+    for start in range(0, batch, chunk):
+        end = min(batch, start + chunk)
+        n, whole = end - start, end - start == batch  # one chunk (the usual case): no slicing at all
+        part = slice(start * n_layers, end * n_layers)
+        chunk_rows = rows if whole else rows[part]
+        logits = torch.mm(chunk_rows if dtype == chunk_rows.dtype else chunk_rows.to(dtype), unembed.t())
+        logits = logits if logits.dtype == torch.float32 else logits.float()  # softmax in float32
+        log_probs = torch.log_softmax(logits, dim=-1).view(n, n_layers, -1)
+        idx, w = (index, weight) if whole else (index[start:end], weight[start:end])  # (n, L, K)
+        torch.neg((log_probs.gather(2, idx) * w).sum(-1), out=loss if whole else loss[start:end])
+        del log_probs
+        if need_grad:
+            dlogits = torch.softmax(logits, dim=-1).view(n, n_layers, -1)
+            del logits
+            dlogits = dlogits.scatter_add_(2, idx, w.neg()).view(n * n_layers, -1)  # softmax - targets
+            out = grad if whole else grad[part]
+            if dtype == torch.float32:
+                torch.mm(dlogits, unembed, out=out)
+            else:
+                out.copy_(torch.mm(dlogits.to(dtype), unembed))
+            del dlogits
+    if need_grad:
+        grad = grad.view(batch, n_layers, hidden)
+        if prepared.has_target is not None:
+            grad.mul_(prepared.has_target.view(-1, 1, 1))  # samples without a target: loss 0, no gradient
+        if mean:
+            grad.div_(batch * n_layers)
+        grad = head.normalize_backward(h, grad, saved)
+    return (loss.mean() if mean else loss), grad
+
+
+class _HeadLoss(torch.autograd.Function):
+    """``head_loss_and_grad`` for autograd: forward saves only the (B, L, d) gradient; backward scales it.
+
+    The alternatives were to save nothing and recompute the logits in backward (a third unembedding
+    product per step) or to save the logits ([B, L, V] memory, which is what this avoids).
+    """
+
+    @staticmethod
+    def forward(ctx, h, head, targets, dtype, mean, chunk_elements):
+        loss, grad = head_loss_and_grad(h, head, targets, dtype, mean, ctx.needs_input_grad[0], chunk_elements)
+        if grad is not None:
+            ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        scale = grad_loss if grad_loss.dim() == 0 else grad_loss.unsqueeze(-1)
+        return grad * scale, None, None, None, None, None
+
+
+def head_cross_entropy(
+    h: torch.Tensor,
+    head: Head,
+    targets: torch.Tensor | LossTargets,
+    dtype: torch.dtype = torch.float32,
+    mean: bool = False,
+    chunk_elements: int = LOSS_CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """``head_loss_and_grad``'s loss as an autograd function of ``h`` (the head gets no gradient).
+
+    Equal (to rounding) to ``scores(head(h), targets)["loss"]`` in float32 (``.mean()`` of it with
+    ``mean``), and never holding more than ``chunk_elements`` logits at once.
+    """
+    prepared = targets if isinstance(targets, LossTargets) else LossTargets.of(targets)
+    return _HeadLoss.apply(h, head, prepared, dtype, mean, chunk_elements)
+
+
+def scores(logits: torch.Tensor, targets: torch.Tensor, k: int = 10) -> dict[str, torch.Tensor]:
+    """Per-state loss and top-k hits.
+
+    For several targets the loss is the mean cross-entropy over them and a top-k hit means any of
+    them is in the top k.
+
+    Args:
+        logits: (B, L, V).
+        targets: (B, K), -1 padded.
+
+    Returns:
+        loss (B, L); hit1, hit5, hit10 (B, L) bool; top_ids, top_probs (B, L, k).
+    """
+    valid = targets >= 0  # (B, K)
+    log_probs = torch.log_softmax(logits.float(), dim=-1)  # (B, L, V)
+    index = targets.clamp(min=0).unsqueeze(1).expand(-1, logits.shape[1], -1)  # (B, L, K)
+    target_lp = log_probs.gather(-1, index)  # (B, L, K)
+    weight = valid.unsqueeze(1).float()
+    loss = -(target_lp * weight).sum(-1) / weight.sum(-1).clamp(min=1)  # (B, L)
+    top_lp, top_ids = log_probs.topk(k, dim=-1)  # (B, L, k)
+    match = (top_ids.unsqueeze(2) == targets.view(targets.shape[0], 1, -1, 1)) & valid.view(valid.shape[0], 1, -1, 1)
+    hit_at = match.any(2)  # (B, L, k): some target at rank j
+    first_hit = torch.where(hit_at.any(-1), hit_at.float().argmax(-1), torch.full_like(loss, k, dtype=torch.long))
+    return {
+        "loss": loss,
+        "hit1": first_hit < 1,
+        "hit5": first_hit < 5,
+        "hit10": first_hit < 10,
+        "top_ids": top_ids,
+        "top_probs": top_lp.exp(),
+    }

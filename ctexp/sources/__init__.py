@@ -1,1 +1,0 @@
-"""Problem sources: readers that turn dataset files into :class:`ctexp.problems.Problem` records."""
