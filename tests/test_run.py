@@ -243,3 +243,20 @@ def test_identity_lens_is_the_logit_lens_baseline(default_runs):
     # The planted per-layer distortion hurts the logit lens at early layers.
     by_layer = [row["top1"] for row in out["by_layer"]]
     assert by_layer[-1] > by_layer[0] + 0.1
+
+
+# The default run's numbers, pinned when the code moved into packages (commit 3baee37): a refactor that
+# changes what the default experiment computes fails here. Top-1 values are hit counts over n, so exact.
+PINNED_OVERALL_TOP1 = 0.2892390958293537
+PINNED_POSITION_TOP1 = [
+    0.01927437641723356, 0.16203703703703703, 0.5796296296296296,
+    0.2824074074074074, 0.3296296296296296, 0.31296296296296294,
+]
+
+
+def test_default_run_numbers_are_pinned(default_runs):
+    result = default_runs("layer")
+    assert result["config"]["lens"] == "layer" and result["best_epoch"] == 3
+    assert result["overall"]["n"] == 6282
+    assert result["overall"]["top1"] == pytest.approx(PINNED_OVERALL_TOP1, abs=1e-12)
+    assert [row["top1"] for row in result["by_position"]] == pytest.approx(PINNED_POSITION_TOP1, abs=1e-12)
