@@ -7,6 +7,7 @@ stderr and the error's exit code; ``--debug`` (or ``CTEXP_DEBUG=1``) shows the t
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from typing import Annotated, Any
@@ -17,6 +18,26 @@ from typer.core import TyperGroup
 
 from ctexp.errors import CtexpError
 
+# Libraries whose log lines (MLflow's "Creating initial MLflow database tables...", Alembic's migration
+# steps, Optuna's "A new study created") would land between ctexp's progress bar and its tables.
+THIRD_PARTY_LOGGERS = ("mlflow", "alembic", "optuna", "urllib3")
+
+
+def route_third_party_logs(debug: bool) -> None:
+    """Keep third-party log lines off the terminal unless ``--debug``; ctexp's own messages are unaffected.
+
+    MLflow sets its loggers' level from ``MLFLOW_LOGGING_LEVEL`` when it is imported (lazily, inside a
+    command), so the variable is set as well as the level of loggers that exist already.
+    """
+    if debug:
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "INFO")
+        level = logging.INFO
+    else:
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")
+        level = logging.ERROR
+    for name in THIRD_PARTY_LOGGERS:
+        logging.getLogger(name).setLevel(level)
+
 
 class CtexpGroup(TyperGroup):
     """One error handler at the edge, for every command (tests through CliRunner get it too)."""
@@ -25,6 +46,7 @@ class CtexpGroup(TyperGroup):
              standalone_mode: bool = True, **extra: Any) -> Any:
         argv = list(sys.argv[1:] if args is None else args)
         debug = "--debug" in argv or os.environ.get("CTEXP_DEBUG") == "1"
+        route_third_party_logs(debug)
         try:
             outcome = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
             code = outcome if isinstance(outcome, int) else 0

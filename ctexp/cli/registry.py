@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
+import signal
 import sys
 import tempfile
 from datetime import UTC, datetime, timedelta
@@ -239,13 +239,16 @@ def ui(
         "--default-artifact-root", artifacts, "--host", host, "--port", str(port), "--workers", "1",
     ]
     typer.echo(f"MLflow UI at http://{host}:{port} (store {tracker.display_uri}); Ctrl-C stops it", err=True)
-    process = subprocess.Popen(command)
+    from ctexp.processes import Stopped, run_child
+
     try:
-        code = process.wait()
-    except KeyboardInterrupt:
-        process.terminate()
-        process.wait(timeout=10)
-        return
+        code = run_child(command)
+    except Stopped as stopped:
+        if stopped.signum == signal.SIGINT:
+            return  # Ctrl-C is how the UI is meant to stop
+        raise typer.Exit(128 + stopped.signum) from None
+    except OSError as error:
+        raise RegistryError(f"cannot start the MLflow server: {error.strerror or error}") from None
     if code != 0:
         raise RegistryError(f"the MLflow server exited with code {code}; is port {port} free?")
 

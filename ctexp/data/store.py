@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -43,28 +43,37 @@ from ctexp.records import Record
 
 FORMAT_VERSION = 1
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+STORE_FILES = ("meta.json", "hidden.safetensors", "head.safetensors", "problems.jsonl")
+
+# meta.json is read in pydantic's strict mode (see ``_read_meta``): no "3" for 3, no true for 1, no 2.0 for
+# 2; and no NaN or infinity anywhere, since ``json`` accepts those literals and they would reach the lens.
+_STRICT_NUMBERS = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class NormSpec(Record):
     """The model's final norm: RMSNorm (LLaMA) or LayerNorm (GPT-2)."""
 
+    model_config = _STRICT_NUMBERS
+
     kind: Literal["rmsnorm", "layernorm"] = "rmsnorm"
-    eps: float = 1e-5
+    eps: float = Field(1e-5, gt=0, le=1, description="the norm's epsilon: a small positive number")
 
 
 class StoreMeta(Record):
-    """The contents of meta.json."""
+    """The contents of meta.json: one schema with types, ranges and the one format version this code reads."""
+
+    model_config = _STRICT_NUMBERS
 
     format: Literal["ctexp-store"] = "ctexp-store"
-    version: int = FORMAT_VERSION
+    version: Literal[1] = FORMAT_VERSION
     model: str = Field(description="what produced the states: a checkpoint path or world:<params>")
-    n_problems: int
-    n_states: int = Field(description="hidden states per position: transformer layers + 1")
-    n_positions: int = Field(description="continuous-thought positions T (the bot state is extra)")
-    hidden: int
-    vocab: int
-    dtype: str
-    tokenizer: str = Field(description="spec of the tokenizer whose ids the unembedding scores")
+    n_problems: int = Field(ge=1)
+    n_states: int = Field(ge=1, description="hidden states per position: transformer layers + 1")
+    n_positions: int = Field(ge=1, description="continuous-thought positions T (the bot state is extra)")
+    hidden: int = Field(ge=1)
+    vocab: int = Field(ge=1)
+    dtype: Literal["float32", "bfloat16", "float16"]
+    tokenizer: str = Field(min_length=1, description="spec of the tokenizer whose ids the unembedding scores")
     norm: NormSpec = Field(default_factory=NormSpec)
     normed_states: list[int] = Field(description="state indices already passed through the final norm")
     content_hash: str = ""
@@ -191,6 +200,8 @@ def load_store(path: Path, check_finite: bool = True) -> Store:
     path = Path(path)
     if not path.is_dir():
         raise StoreError(f"store {path} not found; pass a directory written by 'ctexp world' or 'ctexp extract'")
+    for name in STORE_FILES:  # before opening any: a FIFO or device would block a read forever
+        check_regular_file(path / name, "the store is incomplete (re-create it)")
     meta = _read_meta(path / "meta.json")
     hidden = _read_tensors(path / "hidden.safetensors")
     head = _read_tensors(path / "head.safetensors")
@@ -235,30 +246,71 @@ def validate_store(store: Store, check_finite: bool = True) -> None:
         raise StoreError(f"{where}: problems.jsonl has {len(store.problems)} problems, meta.json says {meta.n_problems}")
     if any(not 0 <= index < meta.n_states for index in meta.normed_states):
         raise StoreError(f"{where}: normed_states {meta.normed_states} outside 0-{meta.n_states - 1}")
+    if len(set(meta.normed_states)) != len(meta.normed_states):
+        raise StoreError(f"{where}: normed_states {meta.normed_states} lists a state twice")
+    for name, tensor in head_tensors(store).items():
+        if not tensor.is_floating_point():
+            raise StoreError(f"{where}: {name} in head.safetensors is {tensor.dtype}, not a floating-point tensor")
+    _check_unique_ids(store.problems, where)
+    # The head is small and always checked; the states (large) only when asked.
+    checked = [("norm.weight", store.norm_weight), ("norm.bias", store.norm_bias), ("unembedding", store.unembed)]
     if check_finite:
-        for name, tensor in (("hidden states", store.hidden), ("unembedding", store.unembed)):
-            if not bool(torch.isfinite(tensor).all()):
-                raise StoreError(f"{where}: {name} contain NaN or infinite values; re-extract the store")
+        checked.insert(0, ("hidden states", store.hidden))
+    for name, tensor in checked:
+        if tensor is not None and not bool(torch.isfinite(tensor).all()):
+            raise StoreError(f"{where}: {name} contain NaN or infinite values; re-extract the store")
+
+
+def check_regular_file(path: Path, missing_hint: str) -> None:
+    """Refuse anything but a regular file (or a link to one) without opening it.
+
+    Opening a FIFO blocks until a writer appears, and a device or socket is no store file either.
+
+    Raises:
+        StoreError: ``path`` is missing (with ``missing_hint``) or not a regular file.
+    """
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise StoreError(f"{path} not found; {missing_hint}") from None
+    except OSError as error:
+        raise StoreError(f"{path} is unreadable: {error.strerror or error}") from None
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+        raise StoreError(f"{path} is {kind}, not a regular file; a store holds plain files (re-create it)")
+
+
+def _check_unique_ids(problems: list[Problem], where: object) -> None:
+    seen: set[str] = set()
+    for problem in problems:
+        if problem.id in seen:
+            raise StoreError(f"{where}: problem id {problem.id!r} appears twice in problems.jsonl; ids must be unique")
+        seen.add(problem.id)
 
 
 def _read_meta(path: Path) -> StoreMeta:
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise StoreError(f"{path} not found; the store is incomplete (re-create it)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise StoreError(f"{path} is unreadable: {error}") from None
+        text = path.read_bytes()
+    except OSError as error:
+        raise StoreError(f"{path} is unreadable: {error.strerror or error}") from None
     try:
-        return StoreMeta.model_validate(raw)
+        return StoreMeta.model_validate_json(text, strict=True)
     except ValidationError as error:
         first = error.errors()[0]
+        if first["type"].startswith("json_") or not first["loc"]:
+            raise StoreError(f"{path} is unreadable: not a JSON object ({first['msg']}); re-create the store") from None
         field = ".".join(str(p) for p in first["loc"])
-        raise StoreError(f"{path}: {field}: {first['msg']}") from None
+        hint = _META_HINTS.get(field, "re-create the store")
+        raise StoreError(f"{path}: {field}: {first['msg'].replace('Input should be', 'should be')}; {hint}") from None
+
+
+_META_HINTS = {
+    "version": f"this ctexp reads store format {FORMAT_VERSION}; write the store again with this version",
+    "norm.eps": "the norm's epsilon must be a small positive finite number, as in the model's config",
+}
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise StoreError(f"{path} not found; the store is incomplete (re-create it)")
     try:
         with safe_open(str(path), framework="pt") as handle:
             return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 - safe_open handles are not dicts
@@ -273,8 +325,6 @@ def _required(tensors: dict[str, torch.Tensor], key: str, path: Path) -> torch.T
 
 
 def _read_problems(path: Path) -> list[Problem]:
-    if not path.is_file():
-        raise StoreError(f"{path} not found; the store is incomplete (re-create it)")
     problems = []
     with path.open("rb") as handle:
         for number, line in enumerate(handle, start=1):
