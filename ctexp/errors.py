@@ -39,6 +39,12 @@ class DataError(CtexpError):
     exit_code = 6
 
 
+class TrainingDiverged(DataError):
+    """Training went non-finite (a NaN or infinite loss): the data or the settings cannot be trained on."""
+
+    exit_code = 11
+
+
 class DeviceError(CtexpError):
     """A requested device that is not available."""
 

@@ -50,7 +50,15 @@ def run(
             status = f"val loss {record.val_loss:.3f}  top-1 {100 * record.val_top1:.1f}%"
             progress.update(task, advance=1, status=status)
 
-        result = recorder.run(config, plan=plan, on_epoch=on_epoch)
+        try:
+            result = recorder.run(config, plan=plan, on_epoch=on_epoch)
+        except BaseException:
+            # A failed run's answer is its one error line, not a half-full bar above it (the epochs are
+            # recorded: ctexp show has them). Cleared now, the display prints nothing more on exit.
+            progress.live.transient = True
+            progress.live.stop()
+            progress.disable = True
+            raise
         progress.update(task, total=len(result.epochs) or 1, completed=len(result.epochs) or 1)
     if as_json:
         typer.echo(result.model_dump_json(indent=2))

@@ -20,6 +20,7 @@ computed only in evaluation. Small steps on CPU run on one thread (``training_th
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -29,6 +30,7 @@ import torch
 
 from ctexp.analysis.result import EpochMetrics
 from ctexp.config import TrainConfig
+from ctexp.errors import TrainingDiverged
 from ctexp.lens.head import Head, LossTargets, head_loss_and_grad, scores
 from ctexp.lens.kinds import Lens
 
@@ -250,6 +252,22 @@ def train_lens(
         return _train_epochs(lens, head, train, val, config, step, targets, generator, per_step, on_epoch)
 
 
+def check_finite(epoch: int, what: str, value: float, config: TrainConfig) -> None:
+    """Stop a diverged run with one line that says where it went non-finite and what to try.
+
+    The epochs before it were reported (and recorded) already; this one is not, since its numbers mean nothing.
+
+    Raises:
+        TrainingDiverged: ``value`` is NaN or infinite.
+    """
+    if math.isfinite(value):
+        return
+    raise TrainingDiverged(
+        f"training diverged at epoch {epoch}: the {what} is {value}; try a smaller --lr (now {config.lr:g}) "
+        f"or --clip (now {config.clip:g}), and check the store for extreme activations"
+    )
+
+
 def training_threads(data: SplitTensors, head: Head, per_step: int) -> int | None:
     """The intra-op threads ``train_lens`` trains with: 1 for small steps on CPU, else None (as set).
 
@@ -288,11 +306,14 @@ def _train_epochs(
         total = torch.zeros((), device=train.states.device)
         for states, position, batch_targets in batches(train, order, per_step, targets):
             total.add_(step(states, position, batch_targets), alpha=len(states))
+        train_loss = float(total) / len(train)  # one host sync per epoch, none per step
+        check_finite(epoch, "training loss", train_loss, config)
         val_scores = evaluate_split(lens, head, val)
         val_summary = summary(val_scores)
+        check_finite(epoch, "validation loss", val_summary["loss"], config)
         record = EpochMetrics(
             epoch=epoch,
-            train_loss=float(total) / len(train),
+            train_loss=train_loss,
             val_loss=val_summary["loss"],
             val_top1=val_summary["top1"],
             val_top5=val_summary["top5"],
