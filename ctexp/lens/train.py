@@ -27,10 +27,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ctexp.analysis.result import EpochMetrics
 from ctexp.config import TrainConfig
 from ctexp.lens.head import Head, LossTargets, head_loss_and_grad, scores
 from ctexp.lens.kinds import Lens
+from ctexp.lens.metrics import EpochMetrics
 
 EVAL_BATCH_STATES = 8192  # at most this many states per evaluation batch ...
 EVAL_LOGIT_ELEMENTS = 1 << 26  # ... and at most this many [states, vocab] logits at once (256 MiB in fp32)
