@@ -25,7 +25,7 @@ from ctexp.data.sources.imports import ImportSpec, import_store
 from ctexp.data.sources.spec import read_problems
 from ctexp.data.store import content_hash, head_tensors, load_store
 from ctexp.errors import StoreError
-from ctexp.model.codi import answered, answers_match, parse_answer
+from ctexp.model.answers import answered, answers_match, parse_answer
 from ctexp.model.extraction import ExtractProgress, extract, make_config
 from ctexp.model.shards import partial_path
 from tests.conftest import assert_one_line_error
