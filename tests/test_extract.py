@@ -380,7 +380,7 @@ def test_both_checkpoint_kinds_give_the_same_store(assets: Assets, stores: dict[
 
 
 def test_stored_hash_is_the_store_modules_hash(stores: dict[str, Path]) -> None:
-    """The streamed writer hashes byte for byte as ctexp.store does."""
+    """The streamed writer hashes byte for byte as ctexp.data.store does."""
     store = load_store(stores["gpt2"])
     assert store.meta.content_hash == content_hash(store.hidden, head_tensors(store), store.problems)
 
