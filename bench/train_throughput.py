@@ -4,8 +4,8 @@ Shape (``../shared/reference/cot-alignment-experiment.md``): hidden 2048, vocab 
 6 positions, a ``layer`` lens, batches of 32 training states (2 samples x 16 layers). Random data:
 throughput does not depend on the values. In one process and one run it measures
 
-  (a) ctexp: training states per second of ``ctexp.train.TrainStep``, the step ``train_lens`` runs,
-      on batches from ``ctexp.train.batches`` (slices of blocks gathered by index; all translators
+  (a) ctexp: training states per second of ``ctexp.lens.train.TrainStep``, the step ``train_lens`` runs,
+      on batches from ``ctexp.lens.train.batches`` (slices of blocks gathered by index; all translators
       in one batched product; loss and its gradient computed with the logits, in chunks; lens
       gradients without autograd; fused AdamW with clipping), in the dtype and with the CPU threads
       ``train_lens`` would use (``--precision auto``; ``OMP_NUM_THREADS`` sets the threads);

@@ -1,4 +1,4 @@
-"""Tests for CoT alignment: ``ctexp align`` and ctexp.align (split rules, target rules, empty policy)."""
+"""Tests for CoT alignment: ``ctexp align`` and ctexp.data.align (split rules, target rules, empty policy)."""
 
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ from ctexp.data.sources.imports import ImportSpec, import_store
 from ctexp.data.sources.spec import read_problems
 from ctexp.data.store import content_hash, head_tensors, load_store
 from ctexp.errors import StoreError
-from ctexp.model.codi import answered, answers_match, parse_answer
+from ctexp.model.answers import answered, answers_match, parse_answer
 from ctexp.model.extraction import ExtractProgress, extract, make_config
 from ctexp.model.shards import partial_path
 from tests.conftest import assert_one_line_error
@@ -380,7 +380,7 @@ def test_both_checkpoint_kinds_give_the_same_store(assets: Assets, stores: dict[
 
 
 def test_stored_hash_is_the_store_modules_hash(stores: dict[str, Path]) -> None:
-    """The streamed writer hashes byte for byte as ctexp.store does."""
+    """The streamed writer hashes byte for byte as ctexp.data.store does."""
     store = load_store(stores["gpt2"])
     assert store.meta.content_hash == content_hash(store.hidden, head_tensors(store), store.problems)
 

@@ -1,4 +1,4 @@
-"""Tests for ctexp.sources.gsm8k: GSM8K and GSM8K-Aug JSONL readers."""
+"""Tests for ctexp.data.sources.gsm8k: GSM8K and GSM8K-Aug JSONL readers."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for the activation store (ctexp.store) and the synthetic world writer (``ctexp world``)."""
+"""Tests for the activation store (ctexp.data.store) and the synthetic world writer (``ctexp world``)."""
 
 from __future__ import annotations
 

@@ -319,7 +319,7 @@ def test_a_worker_killed_mid_trial_is_failed_retried_and_the_rerun_completes(pos
 
 
 def test_the_example_search_file_is_valid(tmp_path: Path) -> None:
-    from ctexp.sweep.study import build_request
+    from ctexp.sweep.request import build_request
 
     example = Path(__file__).resolve().parents[1] / "examples" / "sweep.toml"
     request = build_request(example, {}, [])

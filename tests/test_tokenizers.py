@@ -1,4 +1,4 @@
-"""Tests for ctexp.tokenizers: the builtin tokenizer, tiktoken and local Hugging Face specs."""
+"""Tests for ctexp.data.tokenizers: the builtin tokenizer, tiktoken and local Hugging Face specs."""
 
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ from typing import Any
 
 from pydantic import Field
 
+from ctexp.lens.metrics import EpochMetrics
 from ctexp.records import Record
 
 
@@ -37,19 +38,6 @@ class BaselineResult(Record):
     by_layer: list[GroupMetrics]
     by_position: list[GroupMetrics]
     by_cell: list[GroupMetrics]
-
-
-class EpochMetrics(Record):
-    epoch: int
-    train_loss: float
-    val_loss: float
-    val_top1: float
-    val_top5: float
-    val_top10: float
-    val_position_top1: dict[int, float] = Field(
-        default_factory=dict, description="validation top-1 by position (not stored in SQL; kept in result.json)"
-    )
-    seconds: float
 
 
 class SampleToken(Record):

@@ -1,6 +1,6 @@
 """``ctexp compare``: what changed between runs, and whether each per-layer and per-position delta is real.
 
-Thin: resolves the locations, calls ``ctexp.compare.compare_runs`` and prints the result as rich tables,
+Thin: resolves the locations, calls ``ctexp.analysis.compare.compare_runs`` and prints the result as rich tables,
 JSON, Markdown or CSV; ``--plot`` draws a delta heatmap and per-position bars (matplotlib ``Figure``,
 no pyplot state).
 """

@@ -66,7 +66,9 @@ def sweep(
 
     Example: ctexp sweep --n-trials 12 --workers 2 --search lens=choice:layer,layer-position
     """
-    from ctexp.sweep.study import build_request, run_sweep, show_sweep
+    from ctexp.sweep.request import build_request
+    from ctexp.sweep.study import run_sweep
+    from ctexp.sweep.summary import show_sweep
 
     locations = Locations.resolve(home, db_url, tracking_uri)
     if show is not None:
@@ -137,7 +139,7 @@ def sweeps(
 
     Example: ctexp sweeps
     """
-    from ctexp.sweep.study import list_sweeps
+    from ctexp.sweep.summary import list_sweeps
 
     if limit < 1:
         raise ConfigError("--limit must be at least 1")

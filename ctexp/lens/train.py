@@ -8,7 +8,7 @@ every selected layer.
 A step (``TrainStep``) does no Python work per layer, position or sample: batches are slices of
 blocks gathered by index from the split resident on the device (``batches``), the lens applies all
 its translators in one batched product, the loss against the frozen head and its gradient come from
-``lens.head_loss_and_grad`` (chunked; the two unembedding products per step are the only large
+``head.head_loss_and_grad`` (chunked; the two unembedding products per step are the only large
 ones), ``Lens.write_grads`` gives the parameter gradients without an autograd graph, and
 ``FusedAdamW`` clips and updates in one fused pass. The unembedding products run in bfloat16 where
 that is faster (``resolve_dtype``: CUDA; CPUs with native bf16 and a large head) with float32
@@ -28,11 +28,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ctexp.analysis.result import EpochMetrics
 from ctexp.config import TrainConfig
 from ctexp.errors import TrainingDiverged
 from ctexp.lens.head import Head, LossTargets, head_loss_and_grad, scores
 from ctexp.lens.kinds import Lens
+from ctexp.lens.metrics import EpochMetrics
 
 EVAL_BATCH_STATES = 8192  # at most this many states per evaluation batch ...
 EVAL_LOGIT_ELEMENTS = 1 << 26  # ... and at most this many [states, vocab] logits at once (256 MiB in fp32)
@@ -154,7 +154,7 @@ class FusedAdamW:
 class TrainStep:
     """One optimiser step of ``train_lens`` (what the bench times, too).
 
-    ``lens.head_loss_and_grad`` gives the batch's mean loss and its gradient with respect to the
+    ``head.head_loss_and_grad`` gives the batch's mean loss and its gradient with respect to the
     lens outputs, ``Lens.write_grads`` turns that into parameter gradients (no autograd graph: at
     small shapes its bookkeeping costs more than the arithmetic), ``FusedAdamW`` clips and updates.
     Returns the mean loss as a device tensor: nothing in a step waits for the device.
@@ -196,7 +196,7 @@ def batches(data: SplitTensors, order: torch.Tensor, per_step: int, targets: Los
 
 
 def evaluate_split(lens: Lens, head: Head, data: SplitTensors) -> dict[str, torch.Tensor]:
-    """Scores of every state of a split, in large no-grad float32 batches (see ``lens.scores``).
+    """Scores of every state of a split, in large no-grad float32 batches (see ``head.scores``).
 
     Batches are bounded both in states and in logits held at once (``EVAL_LOGIT_ELEMENTS``).
     """

@@ -6,14 +6,14 @@ Two steps, so that bad input fails before any output or disk write:
   checks that a partial extraction at ``OUT.partial`` (if any) is this one, and loads the model.
 * :meth:`Extraction.run` thinks in batches of problems sorted by question length (longest first,
   so that a batch wastes little padding and memory peaks at once), writes shards of
-  ``shard_size`` problems to ``OUT.partial/`` (see :mod:`ctexp.sources.shards`), reports progress
+  ``shard_size`` problems to ``OUT.partial/`` (see :mod:`ctexp.model.shards`), reports progress
   after every batch, and streams the finished store into place. An interrupted run, rerun with the
   same settings, resumes after its last finished shard and gives the same store.
 
 The store: hidden ``[problems, L + 1, T + 1, d]`` in the run's dtype (position T is ``bot``),
 ``normed_states = [L]``, the final norm and the first V rows of the LM head, ``vocab = V``,
 ``tokenizer = hf:<tokenizer dir>``, ``model = <checkpoint file>``, and every problem's
-``predicted`` and ``correct``. See :mod:`ctexp.sources.codi` for the loop itself.
+``predicted`` and ``correct``. See :mod:`ctexp.model.codi` for the loop itself.
 """
 
 from __future__ import annotations
@@ -35,15 +35,9 @@ from ctexp.data.sources.choices import Precision
 from ctexp.data.sources.spec import read_problems
 from ctexp.data.store import NormSpec, StoreMeta, check_out
 from ctexp.errors import ConfigError
-from ctexp.model.codi import (
-    CodiModel,
-    ModelFiles,
-    answered,
-    load_codi,
-    load_hf_tokenizer,
-    question_ids,
-    resolve_files,
-)
+from ctexp.model.answers import answered
+from ctexp.model.checkpoint import ModelFiles, resolve_files
+from ctexp.model.codi import CodiModel, load_codi, load_hf_tokenizer, question_ids
 from ctexp.model.shards import Staging, partial_path
 from ctexp.records import FrozenRecord
 

@@ -12,7 +12,7 @@ only once the manifest lists it (the manifest is replaced atomically after the s
 crash at any point loses at most the shard in progress. The finished store is streamed problem by
 problem (in source order) from the memory-mapped shards into a temporary sibling of ``OUT`` and
 renamed into place: memory stays bounded by one problem's states plus the head, and the store's
-content hash is computed on the way, byte for byte as :func:`ctexp.store.content_hash` computes it.
+content hash is computed on the way, byte for byte as :func:`ctexp.data.store.content_hash` computes it.
 """
 
 from __future__ import annotations
@@ -281,7 +281,7 @@ def _dtype_of(name: str) -> torch.dtype:
 
 
 def _digest_tensor(digest: hashlib._Hash, name: str, tensor: torch.Tensor) -> None:
-    """Feed one tensor to the hash as ``ctexp.store.content_hash`` does."""
+    """Feed one tensor to the hash as ``ctexp.data.store.content_hash`` does."""
     _digest_header(digest, name, tuple(tensor.shape), tensor.dtype)
     digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
 
