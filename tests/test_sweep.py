@@ -182,6 +182,21 @@ def test_grid_over_categoricals_with_the_loss_objective(home: Path) -> None:
     assert out["best"]["value"] == min(t["value"] for t in complete)
 
 
+def test_a_diverging_trial_is_pruned_its_run_failed_and_the_sweep_goes_on(home: Path) -> None:
+    out = Cli(home).json("sweep", *SWEEP, "--study", "diverge", "--sampler", "grid", "--pruner", "none",
+                         "--search", "train.lr=choice:1e5,1e-3", "--n-trials", "2")
+    states = {trial["params"]["train.lr"]: trial["state"] for trial in out["trials"]}
+    assert states == {1e5: "PRUNED", 1e-3: "COMPLETE"} and out["sweep"]["status"] == "FINISHED"
+    statuses = {row[2]: row[1] for row in runs_of(home, out["sweep"]["id"])}
+    study = optuna.load_study(study_name="diverge", storage=journal(home))
+    for trial in study.trials:
+        run_status = statuses[trial.user_attrs["ctexp_run_id"]]
+        if trial.params["train.lr"] == 1e5:
+            assert run_status == "FAILED" and "training diverged at epoch" in trial.user_attrs["ctexp_error"]
+        else:
+            assert run_status == "FINISHED"
+
+
 def test_rerunning_fails_and_retries_trials_whose_worker_died(home: Path) -> None:
     """Trials left RUNNING by dead workers (one that noted itself, one that died before) are failed,
     retried with their parameters, and the rerun ends with exactly n_trials done and none RUNNING."""

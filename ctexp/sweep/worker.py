@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ctexp.config import ExperimentConfig
-from ctexp.errors import ConfigError, CtexpError, Interrupted
+from ctexp.errors import ConfigError, CtexpError, Interrupted, TrainingDiverged
 from ctexp.lens.metrics import EpochMetrics
 from ctexp.records import FrozenRecord
 from ctexp.sweep.recovery import RUN_ATTR, WORKER_ATTR, WorkerId, recover
@@ -233,6 +233,11 @@ def _one_trial(
             return plan.objective.value_so_far(result.epochs)
         except RunPruned as pruned:
             raise optuna.TrialPruned(str(pruned)) from None
+        except TrainingDiverged as diverged:
+            # The sampled values lie where training blows up: the run is FAILED, and the trial is PRUNED, so
+            # that it counts as done, the sampler learns to avoid the region, and the sweep goes on.
+            trial.set_user_attr(ERROR_ATTR, str(diverged))
+            raise optuna.TrialPruned(str(diverged)) from None
         except Interrupted as stop:  # Ctrl-C or SIGTERM: the run is KILLED, the trial FAIL; then stop
             interrupted.append(stop)
             trial.set_user_attr(ERROR_ATTR, str(stop))
