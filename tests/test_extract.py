@@ -28,7 +28,7 @@ from ctexp.errors import StoreError
 from ctexp.model.answers import answered, answers_match, parse_answer
 from ctexp.model.extraction import ExtractProgress, extract, make_config
 from ctexp.model.shards import partial_path
-from tests.conftest import assert_one_line_error
+from tests.conftest import assert_one_line_error, write_hf_dataset
 
 T = 6
 R, ALPHA = 4, 8.0
@@ -460,20 +460,8 @@ def test_answers_match_numerically() -> None:
 
 
 def test_hf_datasets_directory_reads_like_the_jsonl(assets: Assets, tmp_path: Path) -> None:
-    pa = pytest.importorskip("pyarrow")
     rows = [json.loads(line) for line in assets.data.read_text().splitlines()]
-    directory = tmp_path / "train"
-    directory.mkdir()
-    table = pa.Table.from_pylist(rows)
-    with (
-        pa.OSFile(str(directory / "data-00000-of-00001.arrow"), "wb") as sink,
-        pa.ipc.new_stream(sink, table.schema) as writer,
-    ):
-        writer.write_table(table, max_chunksize=5)
-    (directory / "state.json").write_text(
-        json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}], "_split": "train"})
-    )
-    (directory / "dataset_info.json").write_text("{}")
+    directory = write_hf_dataset(tmp_path / "train", rows)
     assert read_problems(f"hf:{directory}") == read_gsm8k(assets.data)
     assert read_problems(f"hf:{directory}", limit=2) == read_gsm8k(assets.data, limit=2)
     (tmp_path / "dataset_dict.json").write_text(json.dumps({"splits": ["train"]}))
@@ -583,6 +571,7 @@ def test_cli_errors_are_one_line(assets: Assets, extract_app: typer.Typer, tmp_p
         (attempt(assets.llama_dir, "--lora-r", "8"), 2, "LoRA rank is 4"),
         (attempt(assets.llama_dir, data=f"gsm8k:{tmp_path / 'absent.jsonl'}"), 4, "not found"),
         (attempt(assets.llama_dir, data="csv:x"), 4, "unknown source spec"),
+        (attempt(assets.llama_dir, data=f"store:{tmp_path}"), 4, "use 'gsm8k:PATH', 'aug:PATH' or 'hf:DIR'"),
         (attempt(assets.llama_dir, "--tokenizer", tmp_path / "no-tokenizer"), 5, "tokenizer directory"),
         (attempt(assets.llama_dir, "--batch-size", "0"), 2, "batch_size"),
         (invoke(extract_app, "extract", "--model", assets.llama_dir, "--out", tmp_path / "o"), 2, "--data"),
@@ -660,7 +649,7 @@ def test_cli_import_and_its_errors(stores: dict[str, Path], extract_app: typer.T
     tensors, head = flatten(stores["llama"], tmp_path / "files", "safetensors", drop_bot=True)
     problems = stores["llama"] / "problems.jsonl"
 
-    def attempt(*extra: str, tensors: Path = tensors, out: str = "imported"):
+    def attempt(*extra: str, tensors: Path = tensors, out: str = "imported", problems: Path | str = problems):
         return invoke(
             extract_app,
             "import",
@@ -691,4 +680,5 @@ def test_cli_import_and_its_errors(stores: dict[str, Path], extract_app: typer.T
     assert_one_line_error(attempt(tensors=tmp_path / "absent.pt", out="x"), 3, "not found")
     assert_one_line_error(attempt(out="imported"), 3, "already exists")
     assert_one_line_error(attempt("--normed-states", "9", out="x"), 2, "--normed-states")
+    assert_one_line_error(attempt(out="x", problems="world"), 4, "use 'gsm8k:PATH', 'aug:PATH', 'hf:DIR' or a JSONL file of problem records")
     shutil.rmtree(tmp_path / "imported")

@@ -11,7 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ctexp.data.sources.gsm8k import parse_gsm8k_answer, read_aug, read_gsm8k, read_source
+from ctexp.data.sources.gsm8k import parse_gsm8k_answer, read_aug, read_gsm8k
+from ctexp.data.sources.spec import EVERY_SOURCE, SourceKind, SourceSpec, read_problems
 from ctexp.errors import ConfigError, SourceError
 
 TRAIN = Path(__file__).resolve().parents[1].parent / "shared/data/gsm8k/train.jsonl"
@@ -67,7 +68,7 @@ def test_real_train_file() -> None:
     assert first.answer == "72"
     assert problems[-1].id == "train-7472"
     assert all("," not in problem.answer for problem in problems)
-    assert read_source(f"gsm8k:{TRAIN}", limit=5) == problems[:5]
+    assert read_problems(f"gsm8k:{TRAIN}", limit=5) == problems[:5]
 
 
 # --- good files --------------------------------------------------------------------------------
@@ -101,11 +102,11 @@ def test_read_aug(tmp_path: Path) -> None:
     assert [problem.id for problem in problems] == ["aug-0", "aug-1", "aug-2", "aug-3"]
 
 
-def test_read_source_dispatch(tmp_path: Path) -> None:
+def test_read_problems_dispatch(tmp_path: Path) -> None:
     gsm = write_lines(tmp_path / "g.jsonl", [GOOD_GSM8K])
     aug = write_lines(tmp_path / "a.jsonl", [GOOD_AUG])
-    assert read_source(f"gsm8k:{gsm}")[0].steps == ["48/2=24", "48+24=72"]
-    assert read_source(f"aug:{aug}")[0].steps == ["600*10/100=60"]
+    assert read_problems(f"gsm8k:{gsm}")[0].steps == ["48/2=24", "48+24=72"]
+    assert read_problems(SourceSpec.parse(f"aug:{aug}"))[0].steps == ["600*10/100=60"]
 
 
 # --- errors ------------------------------------------------------------------------------------
@@ -216,16 +217,43 @@ def test_limit_stops_before_bad_lines(tmp_path: Path) -> None:
     assert len(read_gsm8k(path, limit=1)) == 1
 
 
-@pytest.mark.parametrize("spec", ["store:/tmp/x", "world", "GSM8K:/x", "/data/train.jsonl", "json:x.jsonl"])
+@pytest.mark.parametrize(
+    ("text", "spec"),
+    [
+        ("world", SourceSpec(kind=SourceKind.WORLD)),
+        ("store:~/s", SourceSpec(kind=SourceKind.STORE, path=Path("~/s").expanduser())),
+        ("gsm8k:data/a:b.jsonl", SourceSpec(kind=SourceKind.GSM8K, path=Path("data/a:b.jsonl"))),
+        ("aug:x.jsonl", SourceSpec(kind=SourceKind.AUG, path=Path("x.jsonl"))),
+        ("hf:d/test", SourceSpec(kind=SourceKind.HF, path=Path("d/test"))),
+    ],
+)
+def test_source_spec_parses_every_kind(text: str, spec: SourceSpec) -> None:
+    assert SourceSpec.parse(text, EVERY_SOURCE) == spec
+    assert SourceSpec.parse(str(spec), EVERY_SOURCE) == spec
+
+
+@pytest.mark.parametrize("spec", ["GSM8K:/x", "/data/train.jsonl", "json:x.jsonl", "worlds"])
 def test_unknown_source_spec(spec: str) -> None:
-    with pytest.raises(SourceError, match=r"unknown source spec.*'gsm8k:PATH' or 'aug:PATH'"):
-        read_source(spec)
+    with pytest.raises(SourceError, match=r"^unknown source spec .*; use 'gsm8k:PATH', 'aug:PATH' or 'hf:DIR'$"):
+        SourceSpec.parse(spec)
 
 
-@pytest.mark.parametrize("spec", ["gsm8k:", "aug:"])
-def test_source_spec_without_path(spec: str) -> None:
-    with pytest.raises(SourceError, match="names no file"):
-        read_source(spec)
+@pytest.mark.parametrize("spec", ["store:/tmp/x", "store", "world", "hf:d"])
+def test_source_spec_of_a_kind_the_caller_does_not_read(spec: str) -> None:
+    with pytest.raises(SourceError, match=r"cannot be read here; use 'gsm8k:PATH' or 'aug:PATH'$"):
+        SourceSpec.parse(spec, (SourceKind.GSM8K, SourceKind.AUG))
+
+
+@pytest.mark.parametrize(("spec", "what"), [("gsm8k:", "file"), ("aug:", "file"), ("hf:", "directory"),
+                                            ("store:", "directory")])
+def test_source_spec_without_path(spec: str, what: str) -> None:
+    with pytest.raises(SourceError, match=f"names no {what}; use 'world', 'store:DIR', "):
+        SourceSpec.parse(spec, EVERY_SOURCE)
+
+
+def test_world_takes_no_path() -> None:
+    with pytest.raises(SourceError, match="world takes no path"):
+        SourceSpec.parse("world:x", EVERY_SOURCE)
 
 
 # --- fuzz --------------------------------------------------------------------------------------

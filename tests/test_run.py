@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
+from ctexp.cli import app
+from ctexp.config import ExperimentConfig, config_fields
 from ctexp.data.sources.world import position_signal, rotated_positions
 from tests.conftest import SMALL_WORLD
 
@@ -192,6 +194,73 @@ def test_dry_run_prints_config_and_stable_hash(cli, tmp_path: Path):
     assert first["config_hash"] == renamed["config_hash"] != changed["config_hash"]
     assert first["config"]["train"]["lr"] == 0.001
     assert cli.run_dirs() == []
+
+
+# --- the experiment flags, derived from the config models ---
+
+RUN_OWN = {"config_file", "home", "db_url", "tracking_uri", "dry_run", "as_json"}  # run's options besides fields
+NOT_FLAGS: set[str] = set()  # config keys deliberately left without a flag (none today)
+# A value other than the default for every config key: the flag, the value given, what the config holds.
+NON_DEFAULTS = {
+    "name": ("--name", "n", "n"), "experiment": ("--experiment", "e", "e"), "store": ("--store", "s", "s"),
+    "world.seed": ("--world-seed", "3", 3), "world.problems": ("--world-problems", "50", 50),
+    "world.layers": ("--world-layers", "2", 2), "world.hidden": ("--world-hidden", "16", 16),
+    "world.positions": ("--world-positions", "4", 4), "world.noise": ("--world-noise", "0.5", 0.5),
+    "tokenizer": ("--tokenizer", "builtin", "builtin"), "lens": ("--lens", "global", "global"),
+    "adapter": ("--adapter", "bias", "bias"), "adapter_rank": ("--adapter-rank", "2", 2),
+    "split": ("--split", "weighted:1,2,3,4", "weighted:1,2,3,4"), "empty": ("--empty", "nearest", "nearest"),
+    "target": ("--target", "last", "last"), "layers": ("--layers", "0-1", "0-1"),
+    "positions": ("--positions", "0,2", "0,2"), "subset": ("--subset", "correct", "correct"),
+    "val_fraction": ("--val-fraction", "0.15", 0.15), "test_fraction": ("--test-fraction", "0.25", 0.25),
+    "seed": ("--seed", "7", 7), "device": ("--device", "cpu", "cpu"), "train.lr": ("--lr", "0.01", 0.01),
+    "train.weight_decay": ("--weight-decay", "0", 0.0), "train.batch_size": ("--batch-size", "8", 8),
+    "train.epochs": ("--epochs", "3", 3), "train.patience": ("--patience", "2", 2),
+    "train.clip": ("--clip", "0.5", 0.5),
+}
+
+
+def flat(data: dict, prefix: str = "") -> dict:
+    """``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}``."""
+    out = {}
+    for key, value in data.items():
+        out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+    return out
+
+
+def test_every_config_field_is_exactly_one_flag_of_run():
+    import typer
+
+    keys = list(flat(ExperimentConfig().model_dump(mode="json")))
+    fields = config_fields()
+    assert [field.key for field in fields] == keys  # every field declared with its metadata, once
+    assert {field.key for field in fields if field.flag is None} == NOT_FLAGS
+    run = typer.main.get_command(app).commands["run"]  # type: ignore[attr-defined]
+    flags = sorted(param.name for param in run.params if param.name not in RUN_OWN)
+    assert flags == sorted(field.flag for field in fields if field.flag is not None)
+    assert set(NON_DEFAULTS) == set(keys) - NOT_FLAGS
+
+
+def test_each_flag_sets_its_config_key(cli):
+    args = [part for flag, given, _ in NON_DEFAULTS.values() for part in (flag, given)]
+    config = flat(json.loads(cli("run", "--dry-run", *args).stdout)["config"])
+    assert config == {key: expected for key, (_, _, expected) in NON_DEFAULTS.items()}
+
+
+def test_help_shows_each_default_from_the_model(cli):
+    result = cli.runner.invoke(app, ["run", "--help"], terminal_width=1000)  # no wrapping within a help text
+    lines: dict[str, str] = {}
+    for line in result.stdout.splitlines():
+        if line.startswith("  --"):
+            option = line.split()[0]
+            lines[option] = line
+        elif line.startswith("    ") and lines:  # a help text below a long option name
+            lines[option] += line
+    defaults = flat(ExperimentConfig().model_dump(mode="json"))
+    for field in config_fields():
+        default = defaults[field.key]
+        shown = field.unset if default is None else str(default)
+        assert shown and f"[{shown}]." in lines["--" + field.flag.replace("_", "-")], field.key
+    assert "[0.001]." in lines["--lr"] and "[the embedded world]." in lines["--store"]
 
 
 @pytest.mark.parametrize(

@@ -353,3 +353,17 @@ def test_sweep_takes_the_experiment_flags_of_run() -> None:
     run_flags = {param.name for param in commands["run"].params} - {"dry_run", "as_json", "seed", "name"}
     assert run_flags <= {param.name for param in commands["sweep"].params}
     assert "Example: ctexp sweep" in commands["sweep"].help and "Example: ctexp sweeps" in commands["sweeps"].help
+
+
+def test_searchable_keys_are_the_fields_the_config_declares_searchable() -> None:
+    from ctexp.config import config_fields
+    from ctexp.sweep.space import build_space, field_types
+
+    assert field_types() == {
+        "lens": str, "adapter": str, "adapter_rank": int, "split": str, "empty": str, "target": str, "layers": str,
+        "positions": str, "subset": str, "train.lr": float, "train.weight_decay": float, "train.batch_size": int,
+        "train.epochs": int, "train.patience": int, "train.clip": float, "split_peak": float, "split_width": float,
+    }
+    assert {field.key for field in config_fields() if field.searchable} < set(field_types())
+    space = build_space({"train": {"lr": "log:1e-4:1e-2"}, "lens": ["layer", "global"]}, ["train.epochs=int:2:4"])
+    assert space.specs() == {"train.lr": "log:0.0001:0.01", "lens": "choice:layer,global", "train.epochs": "int:2:4"}

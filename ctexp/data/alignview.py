@@ -1,19 +1,19 @@
 """``ctexp align``: the aligned dataset of a problem source, without training.
 
-Sources: ``gsm8k:PATH`` and ``aug:PATH`` (JSONL), ``store:DIR`` (an activation store's problems) and
-``world`` (the embedded default world's problems). The informative rule's IDF is computed over the
+Sources: every kind ``SourceSpec`` parses: ``gsm8k:PATH`` and ``aug:PATH`` (JSONL), ``hf:DIR`` (a local
+datasets directory), ``store:DIR`` (an activation store's problems) and ``world`` (the embedded default
+world's problems). The informative rule's IDF is computed over the
 training split (seeded, default fractions), as ``ctexp run`` does.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from ctexp.config import EmptyPolicy, ExperimentConfig, SplitRule, TargetRule, WorldConfig
 from ctexp.data.align import AlignedProblem, align_problem, idf_table, split_problems, tokenize_cot
 from ctexp.data.problems import Problem
-from ctexp.data.sources.gsm8k import read_source
+from ctexp.data.sources.spec import EVERY_SOURCE, SourceKind, SourceSpec, read_problems
 from ctexp.data.store import load_store
 from ctexp.data.tokenizers import Tokenizer, load_tokenizer
 from ctexp.errors import ConfigError
@@ -45,19 +45,19 @@ class AlignmentView:
         ]
 
 
-def load_source(spec: str, limit: int | None) -> tuple[list[Problem], str, int]:
+def load_source(spec: SourceSpec, limit: int | None) -> tuple[list[Problem], str, int]:
     """Problems of a source, with its default tokenizer spec and number of positions."""
-    if spec == "world":
-        from ctexp.data.sources.world import build_world
+    if spec.kind in (SourceKind.WORLD, SourceKind.STORE):
+        if spec.kind is SourceKind.WORLD:
+            from ctexp.data.sources.world import build_world
 
-        store = build_world(WorldConfig())
+            store = build_world(WorldConfig())
+        else:
+            assert spec.path is not None
+            store = load_store(spec.path, check_finite=False)
         problems = store.problems
         return (problems[:limit] if limit else problems), store.meta.tokenizer, store.meta.n_positions
-    if spec.startswith("store:"):
-        store = load_store(Path(spec.removeprefix("store:")), check_finite=False)
-        problems = store.problems
-        return (problems[:limit] if limit else problems), store.meta.tokenizer, store.meta.n_positions
-    return read_source(spec, limit), JSONL_TOKENIZER, 6
+    return read_problems(spec, limit), JSONL_TOKENIZER, 6
 
 
 def align_source(
@@ -75,7 +75,7 @@ def align_source(
         raise ConfigError("--limit must be at least 1")
     if n_positions is not None and n_positions < 1:
         raise ConfigError("--positions must be at least 1")
-    problems, default_tokenizer, default_positions = load_source(source, limit)
+    problems, default_tokenizer, default_positions = load_source(SourceSpec.parse(source, EVERY_SOURCE), limit)
     positions = n_positions or default_positions
     if split.weights is not None and len(split.weights) != positions:
         raise ConfigError(f"--split has {len(split.weights)} weights for {positions} positions; give one per position")

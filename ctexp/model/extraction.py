@@ -32,7 +32,7 @@ from pydantic import Field, ValidationError
 from ctexp.config import validation_message
 from ctexp.data.problems import Problem
 from ctexp.data.sources.choices import Precision
-from ctexp.data.sources.spec import read_problems
+from ctexp.data.sources.spec import PROBLEM_FILES, SourceSpec, read_problems
 from ctexp.data.store import NormSpec, StoreMeta, check_out
 from ctexp.errors import ConfigError
 from ctexp.model.answers import answered
@@ -200,7 +200,7 @@ def prepare_extraction(config: ExtractConfig, out: Path, device: torch.device, f
     """
     out = Path(out).expanduser().resolve()
     check_out(out, force)
-    problems = read_problems(config.data, config.limit)
+    problems = read_problems(SourceSpec.parse(config.data, PROBLEM_FILES), config.limit)
     files = resolve_files(config.model, config.base, config.tokenizer)
     tokenizer = load_hf_tokenizer(files.tokenizer)
     prompts = [question_ids(tokenizer, problem.question) for problem in problems]

@@ -170,21 +170,26 @@ def _one_line(error: BaseException) -> str:
 
 
 def migrations_dir() -> Path:
-    """Where the Alembic environment lives: ``migrations/`` beside the ``ctexp`` package.
+    """Where the Alembic environment lives: ``ctexp/migrations`` in a wheel, else ``migrations/`` of the checkout.
 
-    Found from this module's own file (``ctexp/registry/db.py``) rather than ``ctexp.__file__``, which
-    is None when an editable install maps ``ctexp`` as a namespace package.
+    The repository keeps ``migrations/`` at its root and the wheel ships it as ``ctexp.migrations``
+    (see setup.py). Both are found from this module's own file (``ctexp/registry/db.py``) rather than
+    ``ctexp.__file__``, which is None when an editable install maps ``ctexp`` as a namespace package.
+    The packaged copy is looked at first, so that an unrelated top-level ``migrations`` beside an
+    installed ctexp is never taken for ours.
 
     Raises:
-        RegistryError: it is missing (ctexp installed without its repository).
+        RegistryError: neither holds ``env.py`` (a broken install).
     """
-    path = Path(__file__).resolve().parents[2] / "migrations"
-    if not (path / "env.py").is_file():
-        raise RegistryError(
-            f"ctexp's database migrations are missing (expected {path}); install ctexp from its repository "
-            "checkout (pip install -e .) so that migrations/ sits beside the ctexp package"
-        )
-    return path
+    package = Path(__file__).resolve().parents[1]
+    candidates = (package / "migrations", package.parent / "migrations")
+    for path in candidates:
+        if (path / "env.py").is_file():
+            return path
+    raise RegistryError(
+        f"ctexp's database migrations are missing (looked in {candidates[0]} and {candidates[1]}); "
+        "reinstall ctexp (pip install .) or run it from its repository checkout"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -22,10 +22,11 @@ middle, (T-1)/2) and ``split_width`` W (in positions, default 1.5) give ``weight
 with ``w_i = max(0.01, exp(-(i - P)^2 / (2 W^2)))`` rounded to 3 significant digits: positions near
 P get more of the CoT tokens. It replaces ``split``; searching both is an error.
 
-Only fields that keep the activation store fixed can be searched (a sweep worker loads the store once):
-``store``, ``world.*``, ``tokenizer`` cannot, and neither can the data split (``seed``,
-``val_fraction``, ``test_fraction``: the objective must compare trials on the same validation set)
-nor fields that do not change what is computed (``name``, ``experiment``, ``device``).
+The searchable fields are those ``ctexp.config`` declares ``searchable``: only fields that keep the
+activation store fixed (a sweep worker loads the store once): ``store``, ``world.*``, ``tokenizer``
+cannot be searched, and neither can the data split (``seed``, ``val_fraction``, ``test_fraction``: the
+objective must compare trials on the same validation set) nor fields that do not change what is
+computed (``name``, ``experiment``, ``device``).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError, model_validator
 
-from ctexp.config import ExperimentConfig, parse_index_spec, validation_message
+from ctexp.config import ExperimentConfig, config_fields, parse_index_spec, set_dotted, validation_message
 from ctexp.errors import ConfigError
 from ctexp.records import FrozenRecord
 
@@ -45,30 +46,24 @@ if TYPE_CHECKING:
 
 Scalar = bool | int | float | str
 
-# Searchable keys and the Python type of their values.
-FIELD_TYPES: dict[str, type] = {
-    "train.lr": float,
-    "train.weight_decay": float,
-    "train.clip": float,
-    "train.batch_size": int,
-    "train.epochs": int,
-    "train.patience": int,
-    "adapter_rank": int,
-    "lens": str,
-    "adapter": str,
-    "split": str,
-    "empty": str,
-    "target": str,
-    "layers": str,
-    "positions": str,
-    "subset": str,
-    "split_peak": float,
-    "split_width": float,
-}
 SPLIT_FAMILY = ("split_peak", "split_width")
 DEFAULT_SPLIT_WIDTH = 1.5
 MIN_SPLIT_WEIGHT = 0.01
-TABLES = ("train",)  # nested TOML tables of the experiment (``[search.train]``)
+
+
+def field_types() -> dict[str, type]:
+    """Searchable keys and the Python type of their values (``int``, ``float``; ``str`` for the others).
+
+    The experiment's searchable fields, in the config's order, then the split family.
+    """
+    types = {field.key: field.type if field.type in (int, float) else str
+             for field in config_fields() if field.searchable}
+    return types | dict.fromkeys(SPLIT_FAMILY, float)
+
+
+def search_tables() -> set[str]:
+    """The experiment's tables that hold searchable fields (``[search.train]`` in TOML)."""
+    return {key.partition(".")[0] for key in field_types() if "." in key}
 
 
 class ParamKind(StrEnum):
@@ -167,7 +162,7 @@ class SearchParam(FrozenRecord):
 
 
 class SearchSpace(FrozenRecord):
-    """Searched keys (``FIELD_TYPES``) and their parameters, in the order they are suggested."""
+    """Searched keys (``field_types``) and their parameters, in the order they are suggested."""
 
     params: dict[str, SearchParam]
 
@@ -264,15 +259,8 @@ def apply_overrides(base: ExperimentConfig, overrides: dict[str, Any], where: st
     Raises:
         ConfigError: the result is not a valid experiment (prefixed with ``where``).
     """
-    data = base.model_dump(mode="json")
-    for dotted, value in overrides.items():
-        target = data
-        *parents, leaf = dotted.split(".")
-        for parent in parents:
-            target = target[parent]
-        target[leaf] = value
     try:
-        return ExperimentConfig.model_validate(data)
+        return ExperimentConfig.model_validate(set_dotted(base.model_dump(mode="json"), overrides))
     except ValidationError as error:
         raise ConfigError(f"{where}: {validation_message(error)}") from None
 
@@ -313,8 +301,9 @@ def build_space(table: dict[str, Any] | None, flags: list[str], source: str = "t
 def _flatten_table(table: dict[str, Any], source: str) -> dict[str, Any]:
     """``{"train": {"lr": ...}}`` -> ``{"train.lr": ...}``; other tables are named choices."""
     flat: dict[str, Any] = {}
+    tables = search_tables()
     for key, value in table.items():
-        if key in TABLES and isinstance(value, dict):
+        if key in tables and isinstance(value, dict):
             for inner, spec in value.items():
                 flat[f"{key}.{inner}"] = spec
         else:
@@ -323,9 +312,10 @@ def _flatten_table(table: dict[str, Any], source: str) -> dict[str, Any]:
 
 
 def _param(key: str, value: Any, where: str) -> SearchParam:
-    if key not in FIELD_TYPES:
-        raise ConfigError(f"{where}: {key!r} cannot be searched; searchable keys: {', '.join(FIELD_TYPES)}")
-    kind = FIELD_TYPES[key]
+    types = field_types()
+    if key not in types:
+        raise ConfigError(f"{where}: {key!r} cannot be searched; searchable keys: {', '.join(types)}")
+    kind = types[key]
     try:
         if isinstance(value, str):
             param = _parse_spec(key, kind, value)
@@ -401,9 +391,10 @@ def _typed(kind: type, value: Any) -> Scalar:
 
 
 def _check_key_kind(key: str, param: SearchParam) -> None:
-    kind = FIELD_TYPES.get(key)
+    types = field_types()
+    kind = types.get(key)
     if kind is None:
-        raise ValueError(f"{key!r} cannot be searched; searchable keys: {', '.join(FIELD_TYPES)}")
+        raise ValueError(f"{key!r} cannot be searched; searchable keys: {', '.join(types)}")
     if kind is str and param.kind is not ParamKind.CHOICE:
         raise ValueError(f"{key} takes a choice (choice:a,b), not a range")
     if kind is int and param.kind is ParamKind.FLOAT:

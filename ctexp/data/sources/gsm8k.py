@@ -20,8 +20,6 @@ from typing import Any, BinaryIO
 from ctexp.data.problems import Problem
 from ctexp.errors import ConfigError, SourceError
 
-SOURCE_FORMS = "'gsm8k:PATH' or 'aug:PATH'"
-
 _ANNOTATION_RE = re.compile(r"<<(.*?)>>", re.DOTALL)
 _THOUSANDS_COMMA_RE = re.compile(r"(?<=\d),(?=\d)")
 _FINAL_MARK = "####"
@@ -269,26 +267,3 @@ def read_aug(path: Path, limit: int | None = None) -> list[Problem]:
         ConfigError: ``limit`` is below 1.
     """
     return _read_jsonl(Path(path), limit, _build_aug)
-
-
-def read_source(spec: str, limit: int | None = None) -> list[Problem]:
-    """Read problems from a source spec.
-
-    Args:
-        spec: ``"gsm8k:PATH"`` or ``"aug:PATH"``.
-        limit: Stop after this many problems; None reads all.
-
-    Returns:
-        The problems.
-
-    Raises:
-        SourceError: The spec has another form or names no file, or reading fails.
-        ConfigError: ``limit`` is below 1.
-    """
-    kind, sep, raw_path = spec.partition(":")
-    if not sep or kind not in ("gsm8k", "aug"):
-        raise SourceError(f"unknown source spec {spec!r}; use {SOURCE_FORMS}")
-    if not raw_path:
-        raise SourceError(f"source spec {spec!r} names no file; use {SOURCE_FORMS} with a JSONL file")
-    reader = read_gsm8k if kind == "gsm8k" else read_aug
-    return reader(Path(raw_path).expanduser(), limit)

@@ -22,8 +22,8 @@ position + 1. Rows may come in any order.
 ``head.safetensors``. V must cover every id the tokenizer gives the CoTs.
 
 **Problems**: a JSONL file of ctexp problem records (``id``, ``question``, ``steps``, ``answer``,
-optional ``predicted`` and ``correct``; a store's ``problems.jsonl`` is one), or a source spec
-``gsm8k:PATH``, ``aug:PATH`` or ``hf:DIR``. Line i (blank lines skipped) is problem index i.
+optional ``predicted`` and ``correct``; a store's ``problems.jsonl`` is one), or a problem file's
+source spec ``gsm8k:PATH``, ``aug:PATH`` or ``hf:DIR`` (see ``ctexp.data.sources.spec``). Line i (blank lines skipped) is problem index i.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from pydantic import ValidationError
 from ctexp.config import parse_index_spec
 from ctexp.data.problems import Problem
 from ctexp.data.sources.choices import NormKind
-from ctexp.data.sources.spec import read_problems
+from ctexp.data.sources.spec import PROBLEM_FILES, RECORDS_FORM, SourceSpec, read_problems, source_forms
 from ctexp.data.store import NormSpec, Store, StoreMeta, write_store
 from ctexp.data.tokenizers import load_tokenizer
 from ctexp.errors import ConfigError, SourceError, StoreError
@@ -46,7 +46,6 @@ from ctexp.errors import ConfigError, SourceError, StoreError
 TENSOR_KEYS = ("hidden", "layer", "position", "problem")
 BOT = -1
 _STORE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_SOURCE_KINDS = ("gsm8k:", "aug:", "hf:")
 
 
 @dataclass(frozen=True)
@@ -245,13 +244,11 @@ def _normed_states(text: str, n_states: int) -> list[int]:
 
 def _read_problem_input(problems: str) -> list[Problem]:
     """A source spec, or a JSONL file of problem records."""
-    if problems.startswith(_SOURCE_KINDS):
-        return read_problems(problems)
+    if SourceSpec.names_a_kind(problems):
+        return read_problems(SourceSpec.parse(problems, PROBLEM_FILES, RECORDS_FORM))
     path = Path(problems).expanduser()
     if not path.is_file():
-        raise SourceError(
-            f"problems file {path} not found; pass a JSONL of problem records or gsm8k:PATH, aug:PATH, hf:DIR"
-        )
+        raise SourceError(f"problems file {path} not found; pass {source_forms(PROBLEM_FILES, RECORDS_FORM)}")
     records = []
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
