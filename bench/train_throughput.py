@@ -136,7 +136,7 @@ def _floor_time(head: Head, dtype: torch.dtype, rows: int, steps: int, device: t
 
 def _store(hidden: int, vocab: int, layers: int) -> Store:
     meta = StoreMeta(
-        model="bench", n_problems=0, n_states=layers, n_positions=POSITIONS, hidden=hidden, vocab=vocab,
+        model="bench", n_problems=1, n_states=layers, n_positions=POSITIONS, hidden=hidden, vocab=vocab,
         dtype="float32", tokenizer="builtin", norm=NormSpec(kind="rmsnorm"), normed_states=[layers - 1],
     )
     unembed = torch.randn(vocab, hidden) / hidden**0.5

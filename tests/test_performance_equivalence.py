@@ -35,7 +35,7 @@ KINDS = [
 def make_head(norm: str = "rmsnorm", normed: tuple[int, ...] = (L - 1,), seed: int = 0) -> Head:
     generator = torch.Generator().manual_seed(seed)
     meta = StoreMeta(
-        model="test", n_problems=0, n_states=L, n_positions=T, hidden=D, vocab=V, dtype="float32",
+        model="test", n_problems=1, n_states=L, n_positions=T, hidden=D, vocab=V, dtype="float32",
         tokenizer="builtin", norm=NormSpec(kind=norm), normed_states=list(normed),
     )
     bias = 0.1 * torch.randn(D, generator=generator) if norm == "layernorm" else None
