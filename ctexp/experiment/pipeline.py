@@ -102,7 +102,7 @@ def run_experiment(
     head = Head(store, dataset.layers).to(device)
     splits = {name: _tensors(store, dataset, name, device) for name in ("train", "val", "test")}
 
-    lens = Lens(
+    lens = Lens.build(
         config.lens, len(dataset.layers), store.meta.n_positions, store.meta.hidden, config.adapter,
         config.adapter_rank, config.seed,
     ).to(device)
@@ -110,7 +110,7 @@ def run_experiment(
 
     test = dataset.samples["test"]
     lens_table = StateScores.from_scores(test, evaluate_split(lens, head, splits["test"]))
-    identity = Lens(LensKind.IDENTITY, len(dataset.layers), store.meta.n_positions, store.meta.hidden).to(device)
+    identity = Lens.build(LensKind.IDENTITY, len(dataset.layers), store.meta.n_positions, store.meta.hidden).to(device)
     identity_table = StateScores.from_scores(test, evaluate_split(identity, head, splits["test"]))
     prior_table = prior_scores(dataset.samples["train"], test, store.meta.vocab, len(dataset.layers))
 
@@ -201,7 +201,7 @@ def _rows_with_lift(rows: list[GroupMetrics], baselines: dict, field: str) -> li
 def write_run_dir(
     result: RunResult, lens: Lens, dataset: AlignedDataset, table: StateScores, home: Path
 ) -> Path:
-    """Write ``home/runs/<run_id>/`` atomically: config, metrics, predictions, lens weights."""
+    """Write ``home/runs/<run_id>/`` atomically: config, metrics, predictions, lens (``Lens.load`` reads it)."""
     final = Path(home).resolve() / "runs" / result.run_id
     with atomic_directory(final, "run directory") as staging:
         (staging / "config.json").write_text(json.dumps(result.config, indent=2) + "\n", encoding="utf-8")
@@ -209,5 +209,5 @@ def write_run_dir(
         with (staging / "predictions.jsonl").open("w", encoding="utf-8") as handle:
             for row in prediction_rows(table, dataset.layers, dataset.aligned):
                 handle.write(json.dumps(row) + "\n")
-        lens.save(staging, dataset.layers)
+        lens.save(staging, dataset.layers, result.config)
     return final
