@@ -27,8 +27,8 @@ class Locations:
     @classmethod
     def resolve(cls, home: Path | None = None, db_url: str | None = None, tracking_uri: str | None = None) -> Locations:
         """Flags win, then ``CTEXP_HOME`` / ``CTEXP_DB_URL`` / ``MLFLOW_TRACKING_URI``, then ``./mlruns``."""
-        from ctexp.registry.db import resolve_db_url
-        from ctexp.registry.tracking import resolve_tracking_uri
+        from ctexp.registry.engine import resolve_db_url
+        from ctexp.registry.mlflow_uris import resolve_tracking_uri
 
         home = (home or default_home()).resolve()
         return cls(home, resolve_db_url(db_url, home), resolve_tracking_uri(tracking_uri, home))

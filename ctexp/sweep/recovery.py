@@ -22,7 +22,8 @@ from ctexp.sweep.storage import MAX_RETRIES, quiet_optuna
 if TYPE_CHECKING:
     import optuna
 
-    from ctexp.registry.db import Registry, RunRecord
+    from ctexp.registry.db import Registry
+    from ctexp.registry.records import RunRecord
     from ctexp.registry.tracking import Tracker
 
 # Trial user attributes written by ctexp (shown by optuna-dashboard, too): the worker, the trial's run.

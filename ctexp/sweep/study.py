@@ -65,7 +65,8 @@ if TYPE_CHECKING:
 
     from ctexp.experiment.pipeline import Prepared
     from ctexp.experiment.recorder import Recorder
-    from ctexp.registry.db import Registry, RunRecord, SweepRecord
+    from ctexp.registry.db import Registry
+    from ctexp.registry.records import RunRecord, SweepRecord
 
 DEFAULT_N_TRIALS = 20
 MAX_CONSECUTIVE_FAILURES = 3  # a worker stops after this many failed trials in a row ...
@@ -740,7 +741,7 @@ def _open_sweep(request: SweepRequest, name: str, storage: str, n_trials: int, r
 
 def _parent_run(request: SweepRequest, sweep: SweepRecord, recorder: Recorder) -> str:
     """The sweep's parent MLflow run: created once, by whoever gets there first; reopened on resume."""
-    from ctexp.registry.tracking import flatten_config
+    from ctexp.registry.mlflow_names import flatten_config
 
     tracker = recorder.tracker
     if sweep.mlflow_parent_run_id is not None:
