@@ -140,11 +140,9 @@ def run_experiment(
         epochs=outcome.epochs,
         best_epoch=outcome.best_epoch,
         stopped_early=outcome.stopped_early,
-        overall=_with_lift(lens_bd.overall, baselines["prior"].overall, baselines["identity"].overall),
-        by_layer=_rows_with_lift(lens_bd.by_layer, baselines, "by_layer"),
-        by_position=_rows_with_lift(lens_bd.by_position, baselines, "by_position"),
-        by_cell=_rows_with_lift(lens_bd.by_cell, baselines, "by_cell"),
-        baselines={name: BaselineResult(**vars(bd)) for name, bd in baselines.items()},
+        groups={name: _rows_with_lift(rows, baselines["prior"][name], baselines["identity"][name])
+                for name, rows in lens_bd.items()},
+        baselines={name: BaselineResult(groups=groups) for name, groups in baselines.items()},
         samples=pick_samples(lens_table, dataset.layers, dataset.aligned, tokenizer, seed),
     )
     result = result.model_copy(update={"seconds": round(time.perf_counter() - started, 3)})
@@ -193,8 +191,10 @@ def _with_lift(row: GroupMetrics, prior: GroupMetrics, identity: GroupMetrics) -
     )
 
 
-def _rows_with_lift(rows: list[GroupMetrics], baselines: dict, field: str) -> list[GroupMetrics]:
-    prior_rows, identity_rows = getattr(baselines["prior"], field), getattr(baselines["identity"], field)
+def _rows_with_lift(
+    rows: list[GroupMetrics], prior_rows: list[GroupMetrics], identity_rows: list[GroupMetrics]
+) -> list[GroupMetrics]:
+    """The lens's rows of one grouping with the baselines' top-1 on the same groups, and the lifts over them."""
     return [_with_lift(row, p, i) for row, p, i in zip(rows, prior_rows, identity_rows, strict=True)]
 
 
