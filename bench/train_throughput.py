@@ -114,7 +114,7 @@ def _measure(args: argparse.Namespace, device: torch.device, head: Head, dtype: 
 def _step_time(head: Head, data: SplitTensors, args: argparse.Namespace, per_step: int, steps: int,
                device: torch.device) -> float:
     """(a): ``TrainStep``, the step ``train_lens`` runs, on batches as ``train_lens`` makes them."""
-    lens = Lens(LensKind.LAYER, args.layers, POSITIONS, args.hidden).to(device)
+    lens = Lens.build(LensKind.LAYER, args.layers, POSITIONS, args.hidden).to(device)
     step = TrainStep(lens, head, data, TrainConfig(batch_size=args.batch_size), args.precision)
     order = torch.randperm(len(data), device=device)
     full = [batch for batch in batches(data, order, per_step) if len(batch[0]) == per_step]
@@ -136,7 +136,7 @@ def _floor_time(head: Head, dtype: torch.dtype, rows: int, steps: int, device: t
 
 def _store(hidden: int, vocab: int, layers: int) -> Store:
     meta = StoreMeta(
-        model="bench", n_problems=0, n_states=layers, n_positions=POSITIONS, hidden=hidden, vocab=vocab,
+        model="bench", n_problems=1, n_states=layers, n_positions=POSITIONS, hidden=hidden, vocab=vocab,
         dtype="float32", tokenizer="builtin", norm=NormSpec(kind="rmsnorm"), normed_states=[layers - 1],
     )
     unembed = torch.randn(vocab, hidden) / hidden**0.5
@@ -230,7 +230,7 @@ def _full(head: Head, hidden: int, vocab: int, layers: int, batch_size: int, pre
     """The reference's full size: 76,800 training states, 8 epochs, validation each epoch."""
     samples = FULL_STATES // layers
     train, val = _split(samples, layers, hidden, vocab, device), _split(samples // 4, layers, hidden, vocab, device)
-    lens = Lens(LensKind.LAYER, layers, POSITIONS, hidden).to(device)
+    lens = Lens.build(LensKind.LAYER, layers, POSITIONS, hidden).to(device)
     config = TrainConfig(batch_size=batch_size, epochs=FULL_EPOCHS, patience=FULL_EPOCHS)
     started = time.perf_counter()
     outcome = train_lens(lens, head, train, val, config, seed=0, precision=precision)

@@ -70,7 +70,7 @@ def run_online() -> None:
     if connection is not None:  # ctexp's own call: it commits and releases its lock afterwards
         run_on(connection)
         return
-    from ctexp.registry.db import make_engine  # the same engine settings as ctexp (SQLite pragmas)
+    from ctexp.registry.engine import make_engine  # the same engine settings as ctexp (SQLite pragmas)
 
     engine = make_engine(cli_url())
     try:

@@ -64,7 +64,7 @@ def _template_home() -> Path:
     of this one instead. (Schema creation itself is tested on truly fresh homes elsewhere.)
     """
     from ctexp.registry.db import Registry
-    from ctexp.registry.tracking import Tracker
+    from ctexp.registry.tracking.tracker import Tracker
 
     home = Path(tempfile.mkdtemp(prefix="ctexp-template-home-"))
     Registry(f"sqlite:///{home}/ctexp.db").close()

@@ -28,20 +28,9 @@ MAX_MODULES = 10
 MAX_LINES = 500
 LONG_BECAUSE = "Long because:"
 
-# Known exceptions owned by a branch being merged (the registry/analysis cleanup). The lead empties these
-# when it lands; an entry that no longer applies fails the test, so that they cannot linger.
-# (importer, imported module) pairs that cross a layer upwards: analysis reads runs back from the registry.
-PENDING_UPWARD_IMPORTS = frozenset({
-    ("ctexp.analysis.compare", "ctexp.registry.db"),
-    ("ctexp.analysis.compare", "ctexp.registry.locations"),
-    ("ctexp.analysis.report", "ctexp.registry.db"),
-})
-# Modules over MAX_LINES lines, without a "Long because:" line yet.
-PENDING_LONG_MODULES = frozenset({
-    "ctexp.registry.db",
-    "ctexp.registry.tracking",
-    "ctexp.analysis.compare",
-})
+# Known exceptions: none left. An entry here must say why; one that no longer applies fails the test.
+PENDING_UPWARD_IMPORTS: frozenset[tuple[str, str]] = frozenset()
+PENDING_LONG_MODULES: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)

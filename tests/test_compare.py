@@ -12,9 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from ctexp.analysis.compare import Comparison, compare_runs, holm, mcnemar_p
+from ctexp.analysis.compare import compare_runs
+from ctexp.analysis.comparison import Comparison
+from ctexp.analysis.statistics import holm, mcnemar_p
 from ctexp.data.sources.world import position_signal, rotated_positions
 from ctexp.registry.locations import Locations
+from ctexp.registry.readback import load_compared_runs
 from tests.conftest import SMALL_WORLD, Cli
 
 SMALL_LAYERS, POSITIONS = 3, 6  # SMALL_WORLD: states 0..2, 6 positions
@@ -200,7 +203,8 @@ def science(default_runs: Callable[[str], dict], science_cli: Cli) -> Callable[[
     """Compare two of the session's default-world runs (identity, layer, layer-position) by lens."""
     def compare(reference: str, other: str) -> Comparison:
         ids = [default_runs(reference)["run_id"], default_runs(other)["run_id"]]
-        return compare_runs(Locations.resolve(science_cli.home), ids, metric="top1", resamples=1000)
+        runs = load_compared_runs(Locations.resolve(science_cli.home), ids)
+        return compare_runs(runs, metric="top1", resamples=1000)
 
     return compare
 
@@ -208,7 +212,7 @@ def science(default_runs: Callable[[str], dict], science_cli: Cli) -> Callable[[
 def significant_gains(comparison: Comparison) -> set[int]:
     (pair,) = comparison.comparisons
     assert pair.paired, pair.note
-    return {row.position for row in pair.by_position if row.significant and (row.delta_top1 or 0) > 0}
+    return {row.position for row in pair.rows("position") if row.significant and (row.delta_top1 or 0) > 0}
 
 
 def test_trained_layer_position_lens_beats_the_logit_lens_where_signal_is_planted(science):
@@ -230,7 +234,7 @@ def test_layer_position_lens_beats_the_layer_lens_at_the_rotated_positions(scien
     gains = significant_gains(comparison)
     assert rotated <= gains, gains
     (pair,) = comparison.comparisons
-    for row in pair.by_position:
+    for row in pair.rows("position"):
         if row.position in rotated:
             assert row.lost is not None and row.gained is not None and row.gained > row.lost
             assert row.p_holm is not None and row.p_holm < 1e-6

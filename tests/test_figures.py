@@ -56,7 +56,7 @@ def test_heatmap_annotates_every_cell_with_its_value(result: RunResult) -> None:
     drawn(figure)
     grid_axes = figure.axes[0]
     annotations = sorted(text.get_text() for text in grid_axes.texts)
-    expected = sorted(f"{row.top1:.2f}" for row in result.by_cell if row.top1 is not None)
+    expected = sorted(f"{row.top1:.2f}" for row in result.rows("cell") if row.top1 is not None)
     assert annotations == expected
     assert len(figure.axes) == 2 and figure.axes[1].get_ylabel() == "top-1"  # the colorbar
 

@@ -57,7 +57,7 @@ def test_installed_ctexp_finds_its_migrations(wheel: Path, tmp_path: Path) -> No
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)  # what pip install puts in site-packages
     found = subprocess.run(
-        [sys.executable, "-c", "from ctexp.registry.db import migrations_dir; print(migrations_dir())"],
+        [sys.executable, "-c", "from ctexp.registry.engine import migrations_dir; print(migrations_dir())"],
         capture_output=True, text=True, check=False, cwd=tmp_path, env={"PYTHONPATH": str(site)},
     )
     assert found.returncode == 0, found.stderr

@@ -2,9 +2,10 @@
 
 The step of ``train_lens`` (chunked head cross-entropy with its gradient computed alongside the
 logits, hand-written lens gradients, fused AdamW with clipping folded in, bf16 products where
-chosen) is compared with a plain float32 computation: the lens applied sample by sample, full
-logits, ``log_softmax``, autograd, ``torch.optim.AdamW`` after ``clip_grad_norm_``. Small random
-shapes, every lens kind and adapter, several -1-padded targets per sample, both norms.
+chosen) is compared with a plain float32 computation: full logits, ``log_softmax``, autograd,
+``torch.optim.AdamW`` after ``clip_grad_norm_``; and each built-in lens kind's batched forward with
+the lens applied sample by sample. Small random shapes, every registered built-in lens kind with
+every adapter it takes, several -1-padded targets per sample, both norms.
 """
 
 from __future__ import annotations
@@ -16,26 +17,33 @@ from ctexp.config import AdapterKind, LensKind, TrainConfig
 from ctexp.data.store import NormSpec, Store, StoreMeta
 from ctexp.lens import train
 from ctexp.lens.head import Head, LossTargets, head_cross_entropy, head_loss_and_grad, scores
-from ctexp.lens.kinds import Lens
+from ctexp.lens.kinds import Lens, lens_kinds
 from ctexp.lens.train import FusedAdamW, SplitTensors, TrainStep, batches, evaluate_split, train_lens
 
 B, L, T, D, V, K = 7, 3, 4, 16, 53, 4
 
-KINDS = [
-    (LensKind.GLOBAL, AdapterKind.NONE),
-    (LensKind.GLOBAL, AdapterKind.LOWRANK),
-    (LensKind.LAYER, AdapterKind.NONE),
-    (LensKind.LAYER, AdapterKind.BIAS),
-    (LensKind.LAYER, AdapterKind.LOWRANK),
-    (LensKind.POSITION, AdapterKind.NONE),
-    (LensKind.LAYER_POSITION, AdapterKind.NONE),
-]
+
+def builtin_cases() -> list[tuple[str, AdapterKind]]:
+    """Every built-in lens kind from the registry, with every adapter it takes."""
+    return [
+        (kind, adapter)
+        for kind, cls in lens_kinds().items()
+        if cls.__module__.startswith("ctexp.")  # kinds other tests register are theirs to check
+        for adapter in AdapterKind
+        if adapter is AdapterKind.NONE or not cls.indexed_by_position
+    ]
+
+
+CASES = builtin_cases()
+CASE_IDS = [f"{kind}-{adapter.value}" for kind, adapter in CASES]
+TRAINED = [case for case in CASES if Lens.build(case[0], L, T, D, case[1]).trainable]  # the logit lens is not
+TRAINED_IDS = [f"{kind}-{adapter.value}" for kind, adapter in TRAINED]
 
 
 def make_head(norm: str = "rmsnorm", normed: tuple[int, ...] = (L - 1,), seed: int = 0) -> Head:
     generator = torch.Generator().manual_seed(seed)
     meta = StoreMeta(
-        model="test", n_problems=0, n_states=L, n_positions=T, hidden=D, vocab=V, dtype="float32",
+        model="test", n_problems=1, n_states=L, n_positions=T, hidden=D, vocab=V, dtype="float32",
         tokenizer="builtin", norm=NormSpec(kind=norm), normed_states=list(normed),
     )
     bias = 0.1 * torch.randn(D, generator=generator) if norm == "layernorm" else None
@@ -44,8 +52,8 @@ def make_head(norm: str = "rmsnorm", normed: tuple[int, ...] = (L - 1,), seed: i
     return Head(store, list(range(L)))
 
 
-def make_lens(kind: LensKind, adapter: AdapterKind, seed: int = 0) -> Lens:
-    lens = Lens(kind, L, T, D, adapter, rank=3, seed=seed)
+def make_lens(kind: str, adapter: AdapterKind, seed: int = 0) -> Lens:
+    lens = Lens.build(kind, L, T, D, adapter, rank=3, seed=seed)
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():  # away from zero, so that every term of the gradient is exercised
         for p in lens.parameters():
@@ -69,27 +77,30 @@ def make_batch(n: int = B, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, t
     return states, position, targets
 
 
+# The built-in kinds' translators written out for one state x at one layer and position t.
+PLAIN_TRANSLATORS = {
+    "identity": lambda lens, x, layer, t: x,
+    "global": lambda lens, x, layer, t: x + x @ lens.weight + lens.bias,
+    "layer": lambda lens, x, layer, t: x + x @ lens.weight[layer] + lens.bias[layer],
+    "position": lambda lens, x, layer, t: x + x @ lens.weight[t] + lens.bias[t],
+    "layer-position": lambda lens, x, layer, t: x + x @ lens.weight[layer, t] + lens.bias[layer, t],
+}
+
+
 def plain_translate(lens: Lens, h: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
     """The lens written out sample by sample and layer by layer."""
+    translator = PLAIN_TRANSLATORS[lens.kind]
     rows = []
     for i in range(h.shape[0]):
         t = int(position[i])
         layers = []
         for layer in range(h.shape[1]):
             x = h[i, layer]
-            y = x
-            if lens.kind is LensKind.GLOBAL:
-                y = x + x @ lens.weight + lens.bias
-            elif lens.kind is LensKind.LAYER:
-                y = x + x @ lens.weight[layer] + lens.bias[layer]
-            elif lens.kind is LensKind.POSITION:
-                y = x + x @ lens.weight[t] + lens.bias[t]
-            elif lens.kind is LensKind.LAYER_POSITION:
-                y = x + x @ lens.weight[layer, t] + lens.bias[layer, t]
+            y = translator(lens, x, layer, t)
             if lens.adapter is AdapterKind.BIAS:
-                y = y + lens.position_bias[t]
+                y = y + lens.position_adapter.bias[t]
             elif lens.adapter is AdapterKind.LOWRANK:
-                y = y + (x @ lens.adapter_down[t]) @ lens.adapter_up[t]
+                y = y + (x @ lens.position_adapter.down[t]) @ lens.position_adapter.up[t]
             layers.append(y)
         rows.append(torch.stack(layers))
     return torch.stack(rows)
@@ -112,9 +123,11 @@ def plain_loss(head: Head, h: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     return -picked.sum(-1) / valid.sum(-1).clamp(min=1).unsqueeze(1)  # (B, L)
 
 
-def plain_grads(lens: Lens, head: Head, states, position, targets) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    loss = plain_loss(head, plain_translate(lens, states, position), targets).mean()
-    return loss.detach(), list(torch.autograd.grad(loss, list(lens.parameters())))
+def autograd_grads(lens: Lens, head: Head, states, position, targets) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The lens's own forward, the plain loss, and autograd: what ``write_grads`` must equal."""
+    loss = plain_loss(head, lens(states, position), targets).mean()
+    params = list(lens.parameters())
+    return loss.detach(), list(torch.autograd.grad(loss, params)) if params else []
 
 
 def fast_grads(lens: Lens, head: Head, states, position, targets, dtype=torch.float32, chunk=None):
@@ -134,13 +147,29 @@ def assert_grads_close(got: list[torch.Tensor], want: list[torch.Tensor], rtol: 
         assert error < rtol, error
 
 
-@pytest.mark.parametrize(("kind", "adapter"), KINDS, ids=lambda v: v.value)
+def test_every_builtin_kind_is_checked():
+    assert {kind for kind, _ in CASES} == {kind.value for kind in LensKind}
+    assert {adapter for _, adapter in CASES} == set(AdapterKind)
+
+
+@pytest.mark.parametrize(("kind", "adapter"), CASES, ids=CASE_IDS)
+def test_batched_forward_matches_the_sample_loop(kind, adapter):
+    if kind not in PLAIN_TRANSLATORS:
+        pytest.fail(f"lens kind {kind!r} has no sample-by-sample reference in PLAIN_TRANSLATORS: write one")
+    lens = make_lens(kind, adapter)
+    states, position, _ = make_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(lens(states, position), plain_translate(lens, states, position))
+
+
+@pytest.mark.parametrize(("kind", "adapter"), CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("norm", ["rmsnorm", "layernorm"])
 @pytest.mark.parametrize("samples", [1, 2, B])  # the layer lens has its own path for 1 or 2 samples
-def test_fast_step_matches_plain_fp32(kind, adapter, norm, samples):
+def test_write_grads_matches_autograd(kind, adapter, norm, samples):
+    """The kind's hand-written backward (where it has one) against autograd on the same batch."""
     head, lens = make_head(norm), make_lens(kind, adapter)
     states, position, targets = make_batch(samples)
-    want_loss, want = plain_grads(lens, head, states, position, targets)
+    want_loss, want = autograd_grads(lens, head, states, position, targets)
     for chunk in (None, 1):  # one chunk; one sample per chunk
         loss, got = fast_grads(lens, head, states, position, targets, chunk=chunk)
         torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
@@ -164,7 +193,7 @@ def test_gradient_norm_from_the_factors(monkeypatch, adapter, samples):
     assert float(squared) == pytest.approx(direct, rel=1e-5)
 
 
-@pytest.mark.parametrize(("kind", "adapter"), KINDS, ids=lambda v: v.value)
+@pytest.mark.parametrize(("kind", "adapter"), CASES, ids=CASE_IDS)
 def test_bf16_products_match_fp32_within_tolerance(kind, adapter):
     head, lens = make_head(), make_lens(kind, adapter)
     states, position, targets = make_batch()
@@ -217,10 +246,10 @@ def test_fused_adamw_is_clip_then_torch_adamw():
         torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize(("kind", "adapter"), KINDS, ids=lambda v: v.value)
+@pytest.mark.parametrize(("kind", "adapter"), TRAINED, ids=TRAINED_IDS)
 @pytest.mark.parametrize("samples", [2, B])
 def test_train_step_matches_plain_step(monkeypatch, kind, adapter, samples):
-    """One full step (loss, gradients, clipping, AdamW) against the plain one."""
+    """One full step (loss, gradients, clipping, AdamW) against the plain one (autograd, torch's AdamW)."""
     from ctexp.lens import kinds as lens_module
 
     monkeypatch.setattr(lens_module, "GRAM_NORM_MIN_ELEMENTS", 0)  # the clipping norm from the factors, too
@@ -233,7 +262,7 @@ def test_train_step_matches_plain_step(monkeypatch, kind, adapter, samples):
     reference = torch.optim.AdamW(plain.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     for _ in range(3):
         loss = step(states, position, LossTargets.of(targets))
-        want = plain_loss(head, plain_translate(plain, states, position), targets).mean()
+        want = plain_loss(head, plain(states, position), targets).mean()
         reference.zero_grad()
         want.backward()
         torch.nn.utils.clip_grad_norm_(plain.parameters(), config.clip)

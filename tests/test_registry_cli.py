@@ -39,11 +39,12 @@ def test_plain_sql_returns_both_runs_and_every_cell(home: Path):
         runs = db.execute("SELECT name, lens, status FROM ctexp_runs ORDER BY started_at").fetchall()
         assert runs == [("first", "layer", "FINISHED"), ("second", "layer-position", "FINISHED")]
         cells = db.execute(
-            "SELECT r.name, count(*) FROM ctexp_cell_results c JOIN ctexp_runs r ON r.id = c.run_id GROUP BY r.name"
+            "SELECT r.name, count(*) FROM ctexp_results c JOIN ctexp_runs r ON r.id = c.run_id "
+            "WHERE c.grouping = 'cell' GROUP BY r.name"
         ).fetchall()
         assert sorted(cells) == [("first", STATES * POSITIONS), ("second", STATES * POSITIONS)]
         by_position = db.execute(
-            "SELECT position, count(*) FROM ctexp_position_results GROUP BY position ORDER BY position"
+            "SELECT position, count(*) FROM ctexp_results WHERE grouping = 'position' GROUP BY position ORDER BY position"
         ).fetchall()
         assert by_position == [(p, 2) for p in range(POSITIONS)]
         assert db.execute("SELECT count(*) FROM ctexp_epochs").fetchone()[0] >= 2
@@ -56,8 +57,8 @@ def test_sql_rows_equal_the_run_result(home: Path):
     result = json.loads((run_dir / "result.json").read_text())
     with sqlite3.connect(home / "ctexp.db") as db:
         rows = db.execute(
-            "SELECT position, n, top1, top1_low, top1_high, prior_top1, identity_top1 FROM ctexp_position_results "
-            "WHERE run_id = ? ORDER BY position", (result["run_id"],)
+            "SELECT position, n, top1, top1_low, top1_high, prior_top1, identity_top1 FROM ctexp_results "
+            "WHERE run_id = ? AND grouping = 'position' ORDER BY position", (result["run_id"],)
         ).fetchall()
     for row, expected in zip(rows, result["by_position"], strict=True):
         assert row[0] == expected["position"] and row[1] == expected["n"]

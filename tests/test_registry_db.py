@@ -30,24 +30,24 @@ from ctexp.analysis.result import EpochMetrics, RunResult
 from ctexp.config import ExperimentConfig, build_config
 from ctexp.errors import RegistryError
 from ctexp.experiment.pipeline import run_experiment
-from ctexp.registry.db import Registry, SweepRecord, make_engine, mask_url, resolve_db_url
+from ctexp.registry.db import Registry
+from ctexp.registry.engine import make_engine, mask_url, resolve_db_url
 from ctexp.registry.models import (
-    RESULT_TABLES,
     VERSION_TABLE,
     Base,
     GroupMetricsColumns,
+    Result,
     RunStatus,
     SweepStatus,
     metric_column_names,
 )
+from ctexp.registry.records import SweepRecord
 from tests.conftest import needs_postgres
 
 SMALL = {"world.problems": 120, "world.layers": 2, "world.hidden": 16, "train.epochs": 2}
-HEAD = "0002_sweeps"
-CTEXP_TABLES = {
-    "ctexp_sweeps", "ctexp_experiments", "ctexp_runs", "ctexp_epochs", "ctexp_layer_results", "ctexp_position_results",
-    "ctexp_cell_results",
-}
+HEAD = "0003_results"
+CTEXP_TABLES = {"ctexp_sweeps", "ctexp_experiments", "ctexp_runs", "ctexp_epochs", "ctexp_results"}
+OLD_RESULT_TABLES = {"layer": "ctexp_layer_results", "position": "ctexp_position_results", "cell": "ctexp_cell_results"}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -97,10 +97,10 @@ def record(registry: Registry, result: RunResult, *, name: str = "run", top1: li
            config_update: dict | None = None, **extra: object) -> RunResult:
     """Record ``result`` as a new run (start, epochs, finish), its per-position top-1 replaced by ``top1``."""
     run_id = new_id()
-    by_position = result.by_position
+    by_position = result.rows("position")
     if top1 is not None:
         by_position = [row.model_copy(update={"top1": value}) for row, value in zip(by_position, top1, strict=True)]
-    copy = result.model_copy(update={"run_id": run_id, "name": name, "by_position": by_position})
+    copy = result.with_rows("position", by_position).model_copy(update={"run_id": run_id, "name": name})
     config = ExperimentConfig.model_validate({**copy.config, **(config_update or {})})
     start(registry, config, run_id, name, **extra)
     for epoch in copy.epochs:
@@ -155,19 +155,19 @@ def test_schema_from_empty_is_exactly_the_models(db_url: str) -> None:
             indexes = {index["name"] for table in CTEXP_TABLES for index in inspect(connection).get_indexes(table)}
             assert {"ix_ctexp_runs_status", "ix_ctexp_runs_experiment_id", "ix_ctexp_runs_started_at",
                     "ix_ctexp_runs_sweep_id_trial_number", "ix_ctexp_runs_mlflow_run_id",
-                    "ix_ctexp_position_results_position_split", "ix_ctexp_layer_results_layer_split",
-                    "ix_ctexp_cell_results_layer_position_split"} <= indexes
+                    "ix_ctexp_results_layer_position_grouping_split", "ix_ctexp_results_position_grouping_split"} <= indexes
     finally:
         engine.dispose()
 
 
-def test_metric_columns_are_declared_once_for_three_tables() -> None:
+def test_metric_columns_are_declared_once_and_the_key_is_never_null() -> None:
     declared = [name for name in GroupMetricsColumns.__annotations__]
     assert declared == metric_column_names()
-    for by, table in RESULT_TABLES.items():
-        columns = [column.name for column in table.__table__.columns]
-        assert columns[-len(declared):] == declared, by
-        assert [column.name for column in table.__table__.primary_key.columns][:2] == ["run_id", "split"]
+    columns = [column.name for column in Result.__table__.columns]
+    assert columns[-len(declared):] == declared
+    key = [column.name for column in Result.__table__.primary_key.columns]
+    assert key == ["run_id", "split", "grouping", "group_key"]
+    assert not any(Result.__table__.columns[name].nullable for name in key)  # NULLs are distinct in keys
 
 
 @pytest.mark.parametrize("optuna_first", [True, False], ids=["optuna-first", "ctexp-first"])
@@ -276,23 +276,27 @@ def test_round_trip_of_a_real_run(db_url: str, registry: Registry, result: RunRe
     registry.finish_run(result)  # finishing again (a retry) replaces, never duplicates
 
     layers, positions = result.data.layers, result.data.positions
-    counts = {table: sql(db_url, f"SELECT COUNT(*) FROM {table} WHERE run_id = :id", id=run_id)[0][0]
-              for table in ("ctexp_layer_results", "ctexp_position_results", "ctexp_cell_results", "ctexp_epochs")}
-    assert counts == {"ctexp_layer_results": len(layers), "ctexp_position_results": len(positions),
-                      "ctexp_cell_results": len(layers) * len(positions), "ctexp_epochs": len(result.epochs)}
+    counts = dict(sql(db_url, "SELECT grouping, COUNT(*) FROM ctexp_results WHERE run_id = :id GROUP BY grouping",
+                      id=run_id))
+    assert counts == {"layer": len(layers), "position": len(positions), "cell": len(layers) * len(positions)}
+    assert sql(db_url, "SELECT COUNT(*) FROM ctexp_epochs WHERE run_id = :id", id=run_id) == [(len(result.epochs),)]
+    keys = sql(db_url, "SELECT grouping, group_key, layer, position FROM ctexp_results WHERE run_id = :id "
+                       "AND (layer = 2 OR layer IS NULL) AND (position = 3 OR position IS NULL)", id=run_id)
+    assert sorted(keys) == [("cell", "layer=2,position=3", 2, 3), ("layer", "layer=2", 2, None),
+                            ("position", "position=3", None, 3)]
 
     # Plain SQL sees the baselines of the same states, matched by position.
-    rows = sql(db_url, "SELECT position, n, top1, top1_low, prior_top1, prior_loss, identity_top5 "
-                       "FROM ctexp_position_results WHERE run_id = :id AND split = 'test' ORDER BY position", id=run_id)
-    prior, identity = result.baselines["prior"].by_position, result.baselines["identity"].by_position
-    for row, lens_row, prior_row, identity_row in zip(rows, result.by_position, prior, identity, strict=True):
+    rows = sql(db_url, "SELECT position, n, top1, top1_low, prior_top1, prior_loss, identity_top5 FROM ctexp_results "
+                       "WHERE run_id = :id AND grouping = 'position' AND split = 'test' ORDER BY position", id=run_id)
+    prior, identity = result.baselines["prior"].rows("position"), result.baselines["identity"].rows("position")
+    for row, lens_row, prior_row, identity_row in zip(rows, result.rows("position"), prior, identity, strict=True):
         low = lens_row.ci["top1"][0] if lens_row.ci.get("top1") else None
         assert row == (lens_row.position, lens_row.n, lens_row.top1, low, prior_row.top1, prior_row.loss,
                        identity_row.top5)
 
     cells = registry.results(run_id, "cell")
-    assert [(row.layer, row.position) for row in cells] == [(cell.layer, cell.position) for cell in result.by_cell]
-    for row, cell, prior_cell in zip(cells, result.by_cell, result.baselines["prior"].by_cell, strict=True):
+    assert [(row.layer, row.position) for row in cells] == [(cell.layer, cell.position) for cell in result.rows("cell")]
+    for row, cell, prior_cell in zip(cells, result.rows("cell"), result.baselines["prior"].rows("cell"), strict=True):
         assert (row.n, row.loss, row.top10, row.prior_top1, row.lift_identity) == (
             cell.n, cell.loss, cell.top10, prior_cell.top1, cell.lift_identity)
         assert row.interval("top5") == (tuple(cell.ci["top5"]) if cell.ci.get("top5") else None)
@@ -354,7 +358,7 @@ def test_resolve_latest_on_an_empty_database(registry: Registry) -> None:
 def test_list_runs_filters_and_sorting(registry: Registry, result: RunResult) -> None:
     sweep_id = open_sweep(registry, result).id
     low = record(registry, result, name="low", top1=None)
-    high = record(registry, result.model_copy(update={"overall": result.overall.model_copy(update={"top1": 0.9})}),
+    high = record(registry, result.with_rows("overall", [result.overall.model_copy(update={"top1": 0.9})]),
                   name="high", config_update={"lens": "layer-position", "experiment": "other"}, sweep_id=sweep_id,
                   trial_number=0)
     running = start(registry, ExperimentConfig.model_validate({**result.config, "target": "last"}), name="running")
@@ -395,16 +399,18 @@ def test_best_picks_the_right_run_per_position(db_url: str, registry: Registry, 
         (0, "a", 0.9), (1, "a", 0.8), (2, "b", 0.9), (3, "b", 0.8), (4, "c", 0.7), (5, "c", 0.95)]
     row = best[5]
     assert (row.run_id, row.lens, row.experiment, row.n, row.metric) == (c.run_id, "layer", "default",
-                                                                          result.by_position[5].n, "top1")
-    assert (row.low, row.high) == tuple(result.by_position[5].ci["top1"])
+                                                                          result.rows("position")[5].n, "top1")
+    assert (row.low, row.high) == tuple(result.rows("position")[5].ci["top1"])
     assert {row.run_id for row in registry.best(by="position")} == {other.run_id}
     assert registry.best(by="position", experiment="missing") == []
     assert all(row.run_id in (a.run_id, b.run_id, c.run_id) for row in registry.best(by="position", lens="layer"))
 
     cells = registry.best(by="cell", metric="loss", lens="layer")
-    assert len(cells) == len(result.by_cell)  # equal losses: ties go to the earliest run
+    assert len(cells) == len(result.rows("cell"))  # equal losses: ties go to the earliest run
     assert {row.run_id for row in cells} == {a.run_id}
-    assert len(registry.best(by="layer", metric="top5")) == len(result.by_layer)
+    assert len(registry.best(by="layer", metric="top5")) == len(result.rows("layer"))
+    with pytest.raises(RegistryError, match="unknown breakdown 'overall'; choose one of: layer, position, cell"):
+        registry.best(by="overall")
     with pytest.raises(RegistryError, match="unknown metric 'top3'; choose one of: loss, top1, top5, top10"):
         registry.best(by="position", metric="top3")
 
@@ -414,9 +420,11 @@ def test_best_loss_is_the_lowest_and_top1_ties_go_to_the_earlier_run(
 ) -> None:
     first = record(registry, result, name="first", top1=[0.5, 0.5, 0.5, 0.5, 0.5, 0.5])
     second = record(registry, result, name="second", top1=[0.5, 0.6, 0.5, 0.5, 0.5, 0.5])
-    sql(db_url, "UPDATE ctexp_position_results SET loss = 9.0 WHERE split = 'test'")
-    sql(db_url, "UPDATE ctexp_position_results SET loss = 0.25 WHERE run_id = :id AND position = 2", id=second.run_id)
-    sql(db_url, "UPDATE ctexp_position_results SET loss = 0.5 WHERE run_id = :id AND position = 2", id=first.run_id)
+    sql(db_url, "UPDATE ctexp_results SET loss = 9.0 WHERE split = 'test' AND grouping = 'position'")
+    sql(db_url, "UPDATE ctexp_results SET loss = 0.25 WHERE run_id = :id AND grouping = 'position' AND position = 2",
+        id=second.run_id)
+    sql(db_url, "UPDATE ctexp_results SET loss = 0.5 WHERE run_id = :id AND grouping = 'position' AND position = 2",
+        id=first.run_id)
 
     losses = {row.position: (row.run_name, row.value) for row in registry.best(by="position", metric="loss")}
     assert losses[2] == ("second", 0.25)  # lowest wins for loss
@@ -497,8 +505,8 @@ def test_eight_processes_on_a_fresh_database_all_land(db_url: str, result: RunRe
         runs = registry.list_runs()
         assert len(runs) == 8 and {run.status for run in runs} == {RunStatus.FINISHED}
         assert {run.experiment for run in runs} == {"default"}
-    cells = len(result.by_cell) * 8
-    assert sql(db_url, "SELECT COUNT(*) FROM ctexp_cell_results") == [(cells,)]
+    cells = len(result.rows("cell")) * 8
+    assert sql(db_url, "SELECT COUNT(*) FROM ctexp_results WHERE grouping = 'cell'") == [(cells,)]
     assert sql(db_url, "SELECT COUNT(*) FROM ctexp_experiments") == [(1,)]
     assert sql(db_url, f"SELECT version_num FROM {VERSION_TABLE}") == [(HEAD,)]
 
@@ -591,8 +599,8 @@ def test_upgrade_from_0001_keeps_every_row_and_downgrade_turns_pruned_into_kille
         pruned = start(registry, config, name="pruned", sweep_id=sweep.id, trial_number=1)
         registry.record_epoch(pruned, result.epochs[0])
         registry.end_run(pruned, RunStatus.PRUNED, "pruned")
-    cells = sql(db_url, "SELECT COUNT(*) FROM ctexp_cell_results")[0][0]
-    assert cells == len(result.by_cell)
+    cells = sql(db_url, "SELECT COUNT(*) FROM ctexp_results WHERE grouping = 'cell'")[0][0]
+    assert cells == len(result.rows("cell"))
 
     engine = create_engine(db_url)  # a plain engine: SQLite's foreign keys stay off while tables are copied
     try:
@@ -610,7 +618,82 @@ def test_upgrade_from_0001_keeps_every_row_and_downgrade_turns_pruned_into_kille
     with Registry(db_url) as registry:  # upgrades again: every row survives the table copy
         assert registry.current_revision() == HEAD
         assert registry.resolve(kept.run_id).test_top1 == kept.overall.top1
-        assert len(registry.results(kept.run_id, "cell")) == len(result.by_cell)
+        assert len(registry.results(kept.run_id, "cell")) == len(result.rows("cell"))
         registry.end_run(start(registry, config), RunStatus.PRUNED, "pruned")
     with pytest.raises(Exception, match="(?i)check"):
         sql(db_url, "UPDATE ctexp_runs SET status = 'BOGUS' WHERE id = :id", id=kept.run_id)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One results table (revision 0003)
+
+
+def migrate(url: str, revision: str, *, down: bool) -> None:
+    """Move the schema to ``revision`` on a plain engine (SQLite's foreign keys stay off while tables move)."""
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            config = Registry._alembic_config(connection)
+            (command.downgrade if down else command.upgrade)(config, revision)
+            connection.commit()
+    finally:
+        engine.dispose()
+
+
+def test_upgrade_from_0002_moves_every_result_row_into_one_table(
+    db_url: str, result: RunResult, config: ExperimentConfig,
+) -> None:
+    # A database at revision 0002 holding what that revision's code wrote: two finished runs with rows in
+    # the layer, position and cell tables, and a position without test states (n = 0, metrics NULL).
+    migrate(db_url, "0002_sweeps", down=False)
+    runs = [result.model_copy(update={"run_id": new_id(), "name": name}) for name in ("a", "b")]
+    with Registry(db_url, upgrade=False, check_schema=False) as registry:
+        for run in runs:
+            start(registry, config, run.run_id, run.name)
+            sql(db_url, "UPDATE ctexp_runs SET status = 'FINISHED' WHERE id = :id", id=run.run_id)
+    metrics = metric_column_names()
+    for run in runs:
+        for grouping, table in OLD_RESULT_TABLES.items():
+            keys = ("layer", "position") if grouping == "cell" else (grouping,)
+            for row in run.rows(grouping):
+                stored = {metric: getattr(row, metric, None) for metric in metrics}
+                for metric in ("loss", "top1", "top5", "top10"):
+                    stored[f"{metric}_low"], stored[f"{metric}_high"] = row.ci.get(metric) or (None, None)
+                insert_old(db_url, table, run.run_id, {key: getattr(row, key) for key in keys} | stored)
+    insert_old(db_url, "ctexp_position_results", runs[0].run_id,
+               {"position": 99, **dict.fromkeys(metrics), "n": 0, "problems": 0})
+    before = {table: sql(db_url, f"SELECT COUNT(*) FROM {table}")[0][0] for table in OLD_RESULT_TABLES.values()}
+
+    with Registry(db_url) as registry:  # upgrades to head
+        assert registry.current_revision() == HEAD
+        for run in runs:
+            read = registry.breakdowns(run.run_id)
+            for grouping in OLD_RESULT_TABLES:
+                stored = [row.as_group_metrics() for row in read[grouping] if row.position != 99]
+                assert stored == run.rows(grouping)
+        empty = registry.results(runs[0].run_id, "position")[-1]
+        assert (empty.position, empty.n, empty.top1, empty.interval("top1")) == (99, 0, None, None)
+        assert {row.run_id for row in registry.best(by="cell")} == {runs[0].run_id}  # equal values: the earlier
+    engine = create_engine(db_url)
+    tables = set(inspect(engine).get_table_names())
+    engine.dispose()
+    assert not tables & set(OLD_RESULT_TABLES.values()) and "ctexp_results" in tables
+    counts = dict(sql(db_url, "SELECT grouping, COUNT(*) FROM ctexp_results GROUP BY grouping"))
+    assert counts == {grouping: before[table] for grouping, table in OLD_RESULT_TABLES.items()}
+    assert sql(db_url, "SELECT group_key, layer, position FROM ctexp_results WHERE grouping = 'cell' "
+                       "AND layer = 1 AND position = 2 AND run_id = :id", id=runs[1].run_id) == [
+        ("layer=1,position=2", 1, 2)]
+    with pytest.raises(Exception, match="(?i)unique|duplicate"):  # the non-null key holds on both backends
+        sql(db_url, "INSERT INTO ctexp_results (run_id, split, grouping, group_key, n, problems) "
+                    "SELECT run_id, split, grouping, group_key, n, problems FROM ctexp_results WHERE grouping = 'layer'")
+
+    migrate(db_url, "0002_sweeps", down=True)  # and back: the three tables again, every row in its place
+    assert {table: sql(db_url, f"SELECT COUNT(*) FROM {table}")[0][0] for table in OLD_RESULT_TABLES.values()} == before
+    assert sql(db_url, "SELECT n, top1 FROM ctexp_position_results WHERE position = 99") == [(0, None)]
+
+
+def insert_old(url: str, table: str, run_id: str, values: dict[str, Any]) -> None:
+    """One row of a results table of revisions 0001-0002, as their code wrote it."""
+    columns = ", ".join(values)
+    sql(url, f"INSERT INTO {table} (run_id, split, {columns}) VALUES (:run_id, 'test', "
+             f"{', '.join(':' + name for name in values)})", run_id=run_id, **values)

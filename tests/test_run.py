@@ -7,11 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from ctexp.cli import app
 from ctexp.config import ExperimentConfig, config_fields
 from ctexp.data.sources.world import position_signal, rotated_positions
+from ctexp.lens.kinds import Lens
 from tests.conftest import SMALL_WORLD
 
 STATES = 3  # SMALL_WORLD: 2 layers -> hidden states 0..2
@@ -47,6 +49,10 @@ def test_json_contract_and_run_directory(cli):
     weights = load_file(run_dir / "lens.safetensors")
     assert weights["weight"].shape == (STATES, HIDDEN, HIDDEN)
     assert json.loads((run_dir / "lens.json").read_text())["layers"] == [0, 1, 2]
+    # A later command reads the trained lens back, with what it was trained under.
+    lens, spec = Lens.load(run_dir)
+    assert lens.kind == "layer" and spec.layers == [0, 1, 2] and spec.config == out["config"]
+    assert torch.equal(lens.weight.detach(), weights["weight"])
 
 
 def test_tables_in_the_shape_of_the_reference(cli):

@@ -25,15 +25,9 @@ from ctexp.analysis.result import RunResult
 from ctexp.config import build_config
 from ctexp.errors import TrackingError
 from ctexp.experiment.pipeline import run_experiment
-from ctexp.registry.tracking import (
-    Tracker,
-    final_metrics,
-    flatten_config,
-    mask_password,
-    quiet_mlflow,
-    resolve_tracking_uri,
-    safe_artifact_path,
-)
+from ctexp.registry.tracking.names import final_metrics, flatten_config
+from ctexp.registry.tracking.tracker import Tracker
+from ctexp.registry.tracking.uris import mask_password, quiet_mlflow, resolve_tracking_uri, safe_artifact_path
 
 SMALL = {"world.problems": 120, "world.layers": 2, "world.hidden": 16, "train.epochs": 2}
 EXPERIMENT = "tracking-test"
@@ -65,7 +59,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
 
 @pytest.fixture(scope="module")
 def recorded(store: Store) -> Recorded:
-    """One small run, recorded as the CLI will: start, one call per epoch, finish."""
+    """One small run, recorded as the CLI will: start, one call per epoch, finish with its rendered figures."""
     result = run_experiment(build_config(None, SMALL), home=store.home)
     run_dir = store.home / "runs" / result.run_id
     run_id = store.tracker.start_run(
@@ -77,7 +71,7 @@ def recorded(store: Store) -> Recorded:
     )
     for epoch in result.epochs:
         store.tracker.log_epoch(run_id, epoch)
-    store.tracker.finish_run(run_id, result, run_dir)
+    store.tracker.finish_run(run_id, result, run_dir, save_figures(result, store.home / "figures" / result.run_id))
     return Recorded(result, run_dir, run_id)
 
 
@@ -90,7 +84,7 @@ def identity(store: Store) -> Recorded:
         experiment=EXPERIMENT, run_name=result.name, ctexp_run_id=result.run_id,
         params=flatten_config(result.config), tags={},
     )
-    store.tracker.finish_run(run_id, result, run_dir)
+    store.tracker.finish_run(run_id, result, run_dir, save_figures(result, store.home / "figures" / result.run_id))
     return Recorded(result, run_dir, run_id)
 
 
@@ -388,10 +382,10 @@ def test_final_metrics(recorded: Recorded) -> None:
     low, high = result.overall.ci["top1"]
     assert (metrics["test/top1_low"], metrics["test/top1_high"]) == (low, high)
     assert metrics["identity/top1"] == result.baselines["identity"].overall.top1
-    position3 = next(row for row in result.by_position if row.position == 3)
+    position3 = next(row for row in result.rows("position") if row.position == 3)
     assert metrics["position3/top1"] == position3.top1
     assert metrics["position3/lift_prior"] == position3.lift_prior
-    assert metrics["layer2/top1"] == next(row for row in result.by_layer if row.layer == 2).top1
+    assert metrics["layer2/top1"] == next(row for row in result.rows("layer") if row.layer == 2).top1
     assert "cell/l2_p3/top1" in metrics and "cell/l2_p3/top1_low" not in metrics  # cells: top-1 only
     assert metrics["run/epochs"] == 2
     assert all(isinstance(value, float) for value in metrics.values())

@@ -1,4 +1,4 @@
-"""Evaluation: metrics by layer, position and cell with bootstrap intervals, baselines and samples.
+"""Evaluation: metrics by every grouping (``groupings.GROUPINGS``) with bootstrap intervals, baselines and samples.
 
 Intervals are 95% percentile bootstrap intervals that resample *problems* (all states of a problem
 move together, since they are not independent), 1,000 resamples, seeded.
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ctexp.analysis.groupings import GROUPINGS, GroupIndex
 from ctexp.analysis.result import GroupMetrics, Sample, SampleToken
 from ctexp.data.align import AlignedProblem
 from ctexp.data.dataset import SplitSamples
@@ -45,54 +46,41 @@ class StateScores:
         )
 
 
-@dataclass(frozen=True)
-class Breakdown:
-    overall: GroupMetrics
-    by_layer: list[GroupMetrics]
-    by_position: list[GroupMetrics]
-    by_cell: list[GroupMetrics]
+def breakdown(table: StateScores, layers: list[int], positions: list[int], seed: int) -> dict[str, list[GroupMetrics]]:
+    """Aggregate per-state metrics by every grouping (overall, per layer, per position, per cell), with intervals.
 
+    Every group is listed, also one without states (``n == 0``, metrics None). One bootstrap serves all
+    groups: the same problem weights resample every group.
 
-def breakdown(table: StateScores, layers: list[int], positions: list[int], seed: int) -> Breakdown:
-    """Aggregate per-state metrics overall, per layer, per position and per cell, with intervals."""
+    Returns:
+        Per grouping name, its rows in ``GroupIndex`` order (layers, then positions, as given).
+    """
     n_states, n_layers, _ = table.metrics.shape
     problems, problem_of = np.unique(table.problem_index, return_inverse=True)
-    position_rank = {position: rank for rank, position in enumerate(positions)}
-    pos_rank = np.array([position_rank[int(p)] for p in table.position], dtype=np.int64).reshape(-1, 1)
-    layer_rank = np.arange(n_layers).reshape(1, -1)
-    n_pos = len(positions)
-    group_ids = [
-        np.zeros((n_states, n_layers), dtype=np.int64),
-        np.broadcast_to(1 + layer_rank, (n_states, n_layers)),
-        np.broadcast_to(1 + n_layers + pos_rank, (n_states, n_layers)),
-        1 + n_layers + n_pos + layer_rank * n_pos + pos_rank,
-    ]
-    n_groups = 1 + n_layers + n_pos + n_layers * n_pos
-    sums = np.zeros((len(problems), n_groups, len(METRICS)))
-    counts = np.zeros((len(problems), n_groups))
+    index = GroupIndex({"layer": layers, "position": positions})
+    axes = {  # each (state, layer) pair's value on every axis
+        "layer": np.asarray(layers, dtype=np.int64).reshape(1, -1),  # (1, L)
+        "position": table.position.reshape(-1, 1),  # (S, 1)
+    }
+    sums = np.zeros((len(problems), index.count, len(METRICS)))
+    counts = np.zeros((len(problems), index.count))
     rows = np.broadcast_to(problem_of.reshape(-1, 1), (n_states, n_layers))
-    for gid in group_ids:
+    for gid in index.ids(axes):
+        gid = np.broadcast_to(gid, (n_states, n_layers))
         np.add.at(sums, (rows, gid), table.metrics)
         np.add.at(counts, (rows, gid), 1.0)
     present = (counts > 0).astype(np.float64)
     estimate, low, high = _bootstrap(sums, counts, seed)
-    groups = [
-        GroupMetrics(
+    grouped: dict[str, list[GroupMetrics]] = {g.name: [] for g in GROUPINGS}
+    for g, (grouping, key) in enumerate(index.groups()):
+        grouped[grouping.name].append(GroupMetrics(
+            **key,
             n=int(counts[:, g].sum()),
             problems=int(present[:, g].sum()),
             **{m: _num(estimate[g, i]) for i, m in enumerate(METRICS)},
             ci={m: _interval(low[g, i], high[g, i]) for i, m in enumerate(METRICS)},
-        )
-        for g in range(n_groups)
-    ]
-    by_layer = [groups[1 + j].model_copy(update={"layer": layer}) for j, layer in enumerate(layers)]
-    by_position = [groups[1 + n_layers + r].model_copy(update={"position": p}) for r, p in enumerate(positions)]
-    by_cell = [
-        groups[1 + n_layers + n_pos + j * n_pos + r].model_copy(update={"layer": layer, "position": p})
-        for j, layer in enumerate(layers)
-        for r, p in enumerate(positions)
-    ]
-    return Breakdown(groups[0], by_layer, by_position, by_cell)
+        ))
+    return grouped
 
 
 def _bootstrap(sums: np.ndarray, counts: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

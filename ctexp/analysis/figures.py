@@ -37,10 +37,11 @@ def layer_position_heatmap(result: RunResult) -> Figure:
     Returns:
         The figure; cells without test states are blank.
     """
-    layers = sorted({row.layer for row in result.by_cell if row.layer is not None})
-    positions = sorted({row.position for row in result.by_cell if row.position is not None})
+    cells = result.rows("cell")
+    layers = sorted({row.layer for row in cells if row.layer is not None})
+    positions = sorted({row.position for row in cells if row.position is not None})
     grid = [[math.nan] * len(positions) for _ in layers]
-    for row in result.by_cell:
+    for row in cells:
         if row.top1 is not None and row.layer is not None and row.position is not None:
             grid[layers.index(row.layer)][positions.index(row.position)] = row.top1
 
@@ -80,7 +81,7 @@ def position_bars(result: RunResult) -> Figure:
     Returns:
         The figure.
     """
-    rows = [row for row in result.by_position if row.position is not None]
+    rows = [row for row in result.rows("position") if row.position is not None]
     xs = list(range(len(rows)))
     tops = [_value(row.top1) for row in rows]
     figure = Figure(figsize=(max(4.5, 1.0 + 0.8 * len(rows)), 3.6))

@@ -1,25 +1,87 @@
-"""A Markdown report of one run, in the shape of the reference write-up, built from the registry.
+"""A Markdown report of one run, in the shape of the reference write-up, from loaded, typed inputs.
 
-Every number comes from the results database (the run's row, its epochs and its layer, position and
-cell results); samples come from the run's ``result.json`` where it is still on disk. Observations
-are computed, never written by hand: best and worst positions and their ratio, whether their
-intervals overlap, the best layer by top-1 and by top-10, the lift over both baselines.
+The caller reads them (``ctexp report`` from the results database: the run's row, its epochs and its
+results of every grouping; samples from the run's ``result.json`` where it is still on disk).
+Observations are computed, never written by hand: best and worst positions and their ratio, whether
+their intervals overlap, the best layer by top-1 and by top-10, the lift over both baselines.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Protocol
 
-from ctexp.analysis.result import EpochMetrics, Sample
-from ctexp.registry.db import ResultRow, RunRecord
+from ctexp.analysis.groupings import BREAKDOWNS, Grouping
+from ctexp.analysis.result import EpochMetrics, GroupMetrics, Sample
+
+
+class ReportedRun(Protocol):
+    """What the report reads of a run (the registry's ``RunRecord`` has it all)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def experiment(self) -> str: ...
+    @property
+    def status(self) -> StrEnum: ...
+    @property
+    def started_at(self) -> datetime: ...
+    @property
+    def lens(self) -> str: ...
+    @property
+    def adapter(self) -> str: ...
+    @property
+    def split(self) -> str: ...
+    @property
+    def target(self) -> str: ...
+    @property
+    def layers(self) -> str: ...
+    @property
+    def positions(self) -> str: ...
+    @property
+    def seed(self) -> int: ...
+    @property
+    def device(self) -> str: ...
+    @property
+    def store_hash(self) -> str: ...
+    @property
+    def store_path(self) -> str | None: ...
+    @property
+    def code_version(self) -> str: ...
+    @property
+    def config(self) -> dict[str, Any]: ...
+    @property
+    def best_epoch(self) -> int | None: ...
+    @property
+    def n_test_problems(self) -> int | None: ...
+    @property
+    def n_test_states(self) -> int | None: ...
+    @property
+    def test_top1(self) -> float | None: ...
+    @property
+    def test_top1_low(self) -> float | None: ...
+    @property
+    def test_top1_high(self) -> float | None: ...
+    @property
+    def test_top5(self) -> float | None: ...
+    @property
+    def test_top10(self) -> float | None: ...
+    @property
+    def prior_top1(self) -> float | None: ...
+    @property
+    def identity_top1(self) -> float | None: ...
 
 
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
 
 
-def _ci(row: ResultRow, metric: str = "top1") -> str:
-    interval = row.interval(metric)
+def _ci(row: GroupMetrics, metric: str = "top1") -> str:
+    interval = row.ci.get(metric)
     return "-" if interval is None else f"[{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]"
 
 
@@ -44,11 +106,12 @@ def epochs_section(epochs: list[EpochMetrics], best_epoch: int | None, stopped_e
     return [*table, "", f"**Training time**: {seconds:.1f} s over {len(epochs)} epochs"]
 
 
-def breakdown_section(rows: list[ResultRow], key: str) -> list[str]:
-    header = [key.capitalize(), "Samples", "Loss", "Top-1", "95% CI", "Top-5", "Top-10", "Prior top-1",
+def breakdown_section(rows: list[GroupMetrics], grouping: Grouping) -> list[str]:
+    """A table of one grouping's rows (by layer, by position, ...) with intervals, baselines and lifts."""
+    header = [grouping.heading, "Samples", "Loss", "Top-1", "95% CI", "Top-5", "Top-10", "Prior top-1",
               "Identity top-1", "Lift vs prior", "Lift vs identity"]
     body = [
-        [str(getattr(row, key)), f"{row.n:,}", "-" if row.loss is None else f"{row.loss:.2f}", _pct(row.top1),
+        [grouping.label(row), f"{row.n:,}", "-" if row.loss is None else f"{row.loss:.2f}", _pct(row.top1),
          _ci(row), _pct(row.top5), _pct(row.top10), _pct(row.prior_top1), _pct(row.identity_top1),
          "-" if row.lift_prior is None else f"{100 * row.lift_prior:+.2f}",
          "-" if row.lift_identity is None else f"{100 * row.lift_identity:+.2f}"]
@@ -57,15 +120,30 @@ def breakdown_section(rows: list[ResultRow], key: str) -> list[str]:
     return _table(header, body)
 
 
-def grid_section(cells: list[ResultRow]) -> list[str]:
-    layers = sorted({c.layer for c in cells if c.layer is not None})
-    positions = sorted({c.position for c in cells if c.position is not None})
-    value = {(c.layer, c.position): c.top1 for c in cells}
-    rows = [[str(layer), *(_pct(value.get((layer, p))) for p in positions)] for layer in layers]
-    return _table(["Layer \\ Position", *(str(p) for p in positions)], rows)
+def grid_section(cells: list[GroupMetrics], grouping: Grouping) -> list[str]:
+    """Top-1 of a two-key grouping's rows as a grid: first key down, second across (layer x position)."""
+    down, across = grouping.keys
+    lines = sorted({getattr(c, down) for c in cells if getattr(c, down) is not None})
+    columns = sorted({getattr(c, across) for c in cells if getattr(c, across) is not None})
+    value = {grouping.key(c): c.top1 for c in cells}
+    rows = [[str(line), *(_pct(value.get((line, column))) for column in columns)] for line in lines]
+    return _table([f"{down.capitalize()} \\ {across.capitalize()}", *(str(c) for c in columns)], rows)
 
 
-def observations(run: RunRecord, layers: list[ResultRow], positions: list[ResultRow]) -> list[str]:
+def grouping_sections(groups: Mapping[str, Sequence[GroupMetrics]]) -> list[str]:
+    """A section per grouping with rows: a grid for two keys, else a table (``### Performance by Layer``)."""
+    lines: list[str] = []
+    for grouping in BREAKDOWNS:
+        rows = list(groups.get(grouping.name, []))
+        if len(grouping.keys) == 2:
+            title = f"Top-1 by {' x '.join(key.capitalize() for key in grouping.keys)}"
+            lines += [f"### {title}", "", *grid_section(rows, grouping), ""]
+        else:
+            lines += [f"### Performance by {grouping.name.capitalize()}", "", *breakdown_section(rows, grouping), ""]
+    return lines
+
+
+def observations(run: ReportedRun, layers: Sequence[GroupMetrics], positions: Sequence[GroupMetrics]) -> list[str]:
     """Findings computed from the data, each with the numbers behind it."""
     notes = []
     scored = [p for p in positions if p.top1 is not None]
@@ -73,7 +151,8 @@ def observations(run: RunRecord, layers: list[ResultRow], positions: list[Result
         best = max(scored, key=lambda p: p.top1)
         worst = min(scored, key=lambda p: p.top1)
         ratio = f"{best.top1 / worst.top1:.1f}x" if worst.top1 else "infinitely"
-        overlap = best.interval("top1") and worst.interval("top1") and best.top1_low <= worst.top1_high
+        best_ci, worst_ci = best.ci.get("top1"), worst.ci.get("top1")
+        overlap = best_ci and worst_ci and best_ci[0] <= worst_ci[1]
         verdict = "their 95% intervals overlap, so the gap may be noise" if overlap else (
             "their 95% intervals do not overlap")
         notes.append(
@@ -119,15 +198,21 @@ def samples_section(samples: list[Sample]) -> list[str]:
 
 
 def render_report(
-    run: RunRecord,
+    run: ReportedRun,
     epochs: list[EpochMetrics],
-    layers: list[ResultRow],
-    positions: list[ResultRow],
-    cells: list[ResultRow],
+    groups: Mapping[str, Sequence[GroupMetrics]],
     samples: list[Sample],
     figures: Sequence[str] = (),
 ) -> str:
-    """The whole report as Markdown."""
+    """The whole report as Markdown.
+
+    Args:
+        run: the run's provenance and headline metrics (e.g. the registry's ``RunRecord``).
+        epochs: its training epochs.
+        groups: its test metrics by grouping name (``layer``, ``position``, ``cell``, ...).
+        samples: decoded test predictions to show.
+        figures: file names of figures beside the report.
+    """
     config = run.config
     train = config.get("train", {})
     lines = [
@@ -170,21 +255,10 @@ def render_report(
         "",
         *epochs_section(epochs, run.best_epoch, 0 < len(epochs) < train.get("epochs", len(epochs) + 1)),
         "",
-        "### Performance by Layer",
-        "",
-        *breakdown_section(layers, "layer"),
-        "",
-        "### Performance by Position",
-        "",
-        *breakdown_section(positions, "position"),
-        "",
-        "### Top-1 by Layer x Position",
-        "",
-        *grid_section(cells),
-        "",
+        *grouping_sections(groups),
         "### Observations",
         "",
-        *observations(run, layers, positions),
+        *observations(run, groups.get("layer", []), groups.get("position", [])),
         "",
         "### Sample Predictions",
         "",

@@ -6,12 +6,16 @@ from typing import Any
 
 from pydantic import Field
 
+from ctexp.analysis.groupings import Grouped
 from ctexp.lens.metrics import EpochMetrics
 from ctexp.records import Record
 
 
 class GroupMetrics(Record):
     """Metrics of a group of test states: overall, a layer, a position or a (layer, position) cell.
+
+    ``layer`` and ``position`` are the group's key values (one field per ``groupings.AXES``), None where
+    its grouping does not key on them.
 
     ``n`` counts states, ``problems`` the distinct problems behind them; ``ci`` holds 95% bootstrap
     intervals (problems resampled). ``prior_top1`` and ``identity_top1`` are the baselines on the same
@@ -33,11 +37,10 @@ class GroupMetrics(Record):
     lift_identity: float | None = None
 
 
-class BaselineResult(Record):
-    overall: GroupMetrics
-    by_layer: list[GroupMetrics]
-    by_position: list[GroupMetrics]
-    by_cell: list[GroupMetrics]
+class BaselineResult(Grouped[GroupMetrics]):
+    """A baseline's metrics on the lens's test states, by grouping (``overall``, ``by_layer``, ...)."""
+
+    groups: dict[str, list[GroupMetrics]]
 
 
 class SampleToken(Record):
@@ -79,8 +82,12 @@ class StoreInfo(Record):
     tokenizer: str
 
 
-class RunResult(Record):
-    """Everything a run computed. ``config`` is the resolved experiment configuration."""
+class RunResult(Grouped[GroupMetrics]):
+    """Everything a run computed. ``config`` is the resolved experiment configuration.
+
+    ``groups`` holds the lens's test metrics by grouping (``ctexp.analysis.groupings``); in JSON they are
+    the keys ``overall``, ``by_layer``, ``by_position`` and ``by_cell``.
+    """
 
     run_id: str
     name: str
@@ -95,9 +102,6 @@ class RunResult(Record):
     epochs: list[EpochMetrics]
     best_epoch: int | None
     stopped_early: bool
-    overall: GroupMetrics
-    by_layer: list[GroupMetrics]
-    by_position: list[GroupMetrics]
-    by_cell: list[GroupMetrics]
+    groups: dict[str, list[GroupMetrics]]
     baselines: dict[str, BaselineResult]
     samples: list[Sample]

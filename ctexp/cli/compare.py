@@ -1,6 +1,7 @@
 """``ctexp compare``: what changed between runs, and whether each per-layer and per-position delta is real.
 
-Thin: resolves the locations, calls ``ctexp.analysis.compare.compare_runs`` and prints the result as rich tables,
+Thin: checks the options, loads the runs (``registry.readback.load_compared_runs``), calls
+``analysis.compare.compare_runs`` and prints the result as rich tables,
 JSON, Markdown or CSV; ``--plot`` draws a delta heatmap and per-position bars (matplotlib ``Figure``,
 no pyplot state).
 """
@@ -16,16 +17,19 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ctexp.analysis.compare import METRICS, Comparison, DeltaRow, PairComparison, compare_runs
+from ctexp.analysis.compare import METRICS, check_options, compare_runs
+from ctexp.analysis.comparison import Comparison, DeltaRow, PairComparison
+from ctexp.analysis.groupings import AXES, GROUPINGS, Grouping
 from ctexp.errors import ConfigError
 from ctexp.registry.locations import Locations
+from ctexp.registry.readback import load_compared_runs
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 FORMATS = ("table", "json", "markdown", "csv")
 MARK = "*"
-TABLES = ("overall", "layer", "position", "cell")
+ALPHA = 0.05
 
 
 def register(app: typer.Typer) -> None:
@@ -63,9 +67,10 @@ def compare(
         raise ConfigError(f"--plot writes a PNG; give a FILE.png, not {str(plot)!r}")
     if plot is not None and not plot.resolve().parent.is_dir():
         raise ConfigError(f"--plot: the directory {plot.resolve().parent} does not exist")
+    check_options(len(runs), metric, resamples, ALPHA)  # before any run is read
+    loaded = load_compared_runs(Locations.resolve(home, db_url, tracking_uri), runs)
     result = compare_runs(
-        Locations.resolve(home, db_url, tracking_uri), runs, metric=metric, include_unchanged=include_unchanged,
-        resamples=resamples, seed=seed,
+        loaded, metric=metric, include_unchanged=include_unchanged, resamples=resamples, seed=seed, alpha=ALPHA,
     )
     if plot is not None:
         comparison_figure(result).savefig(plot, dpi=100, format="png")
@@ -125,29 +130,21 @@ def _title(pair: PairComparison) -> str:
             f"{pair.reference.name} ({pair.reference.id[:12]}, {pair.reference.lens})")
 
 
-def _label(kind: str, row: DeltaRow) -> str:
-    if kind == "overall":
-        return "all"
-    if kind == "cell":
-        return f"{row.layer}/{row.position}"
-    return str(row.layer if kind == "layer" else row.position)
+def _title_of(grouping: Grouping) -> str:
+    return f"By {grouping.name}" if grouping.keys else grouping.name.capitalize()
 
 
-def _rows(pair: PairComparison, kind: str) -> list[DeltaRow]:
-    return [pair.overall] if kind == "overall" else getattr(pair, f"by_{kind}")
-
-
-def _headers(pair: PairComparison, key: str, alpha: float) -> list[str]:
+def _headers(pair: PairComparison, grouping: Grouping, alpha: float) -> list[str]:
     m = pair.metric
-    return [key, "States", f"Ref {m}", f"Run {m}", "Δ top-1", "Δ top-5", "Δ top-10", "Δ loss",
+    return ["Rows" if not grouping.keys else grouping.heading, "States", f"Ref {m}", f"Run {m}", "Δ top-1", "Δ top-5", "Δ top-10", "Δ loss",
             f"Δ {m} {100 * (1 - alpha):g}% CI", "p", "p (Holm)", "Sig."]
 
 
-def _cells(pair: PairComparison, kind: str, row: DeltaRow) -> list[str]:
+def _cells(pair: PairComparison, grouping: Grouping, row: DeltaRow) -> list[str]:
     m = pair.metric
     states = f"{row.n_reference:,}" if row.n_reference == row.n_other else f"{row.n_reference:,} / {row.n_other:,}"
     return [
-        _label(kind, row), states, _value(m, getattr(row, f"reference_{m}")), _value(m, getattr(row, f"other_{m}")),
+        grouping.label(row), states, _value(m, getattr(row, f"reference_{m}")), _value(m, getattr(row, f"other_{m}")),
         _delta("top1", row.delta_top1), _delta("top5", row.delta_top5), _delta("top10", row.delta_top10),
         _delta("loss", row.delta_loss), _interval(m, row), _p(row.p_value), _p(row.p_holm),
         MARK if row.significant else "",
@@ -181,41 +178,47 @@ def pair_tables(pair: PairComparison, alpha: float) -> list[Any]:
         headline.add_row(row.metric, _value(row.metric, row.reference), _value(row.metric, row.other),
                          _delta(row.metric, row.delta))
     items.append(headline)
-    for kind, title, key in (("overall", "Overall", "Rows"), ("layer", "By layer", "Layer"),
-                             ("position", "By position", "Position")):
-        table = Table(title=f"{title} (test, {pair.metric} tested)")
-        for column in _headers(pair, key, alpha):
+    for grouping in GROUPINGS:
+        if len(grouping.keys) == 2:
+            items.append(grid(pair, grouping))
+            continue
+        table = Table(title=f"{_title_of(grouping)} (test, {pair.metric} tested)")
+        for column in _headers(pair, grouping, alpha):
             table.add_column(column, justify="right")
-        for row in _rows(pair, kind):
-            table.add_row(*_cells(pair, kind, row))
+        for row in pair.rows(grouping.name):
+            table.add_row(*_cells(pair, grouping, row))
         items.append(table)
-    items.append(grid(pair))
     return items
 
 
-def _grid_lines(pair: PairComparison) -> tuple[str, list[str], list[list[str]]]:
-    """Title, position headers and one line per layer (layer, then the cells) of the delta grid."""
-    layers = sorted({row.layer for row in pair.by_cell if row.layer is not None})
-    positions = sorted({row.position for row in pair.by_cell if row.position is not None})
+def _grid_lines(pair: PairComparison, grouping: Grouping) -> tuple[str, list[str], list[list[str]]]:
+    """Title, column headers and one line per value of the first key (it, then the cells) of a delta grid.
+
+    For a two-key grouping (cells: layer down, position across).
+    """
+    down, across = grouping.keys
+    rows = pair.rows(grouping.name)
+    lines_of = sorted({getattr(row, down) for row in rows if getattr(row, down) is not None})
+    columns = sorted({getattr(row, across) for row in rows if getattr(row, across) is not None})
     unit = "nats" if pair.metric == "loss" else "points"
-    title = f"Δ {pair.metric} by layer (rows) x position (columns), {unit}; {MARK} significant"
-    cells = {(row.layer, row.position): row for row in pair.by_cell}
+    title = f"Δ {pair.metric} by {down} (rows) x {across} (columns), {unit}; {MARK} significant"
+    cells = {grouping.key(row): row for row in rows}
     lines = []
-    for layer in layers:
-        line = [str(layer)]
-        for position in positions:
-            row = cells.get((layer, position))
+    for value in lines_of:
+        line = [str(value)]
+        for column in columns:
+            row = cells.get((value, column))
             line.append("" if row is None else _delta(pair.metric, getattr(row, f"delta_{pair.metric}"))
                         + (MARK if row.significant else ""))
         lines.append(line)
-    return title, [str(position) for position in positions], lines
+    return title, [str(column) for column in columns], lines
 
 
-def grid(pair: PairComparison) -> Table:
-    """Layer x position grid of the delta of the comparison's metric, significant cells marked."""
-    title, positions, lines = _grid_lines(pair)
+def grid(pair: PairComparison, grouping: Grouping) -> Table:
+    """Grid of the delta of the comparison's metric over a two-key grouping, significant cells marked."""
+    title, columns, lines = _grid_lines(pair, grouping)
     table = Table(title=title)
-    for column in ("Layer", *positions):
+    for column in (grouping.keys[0].capitalize(), *columns):
         table.add_column(column, justify="right")
     for line in lines:
         table.add_row(*line)
@@ -249,12 +252,14 @@ def to_markdown(result: Comparison) -> str:
             [[r.metric, _value(r.metric, r.reference), _value(r.metric, r.other), _delta(r.metric, r.delta)]
              for r in pair.headline],
         ), ""]
-        for kind, title, key in (("overall", "Overall", "Rows"), ("layer", "By layer", "Layer"),
-                                 ("position", "By position", "Position"), ("cell", "By cell", "Layer/position")):
-            lines += [f"### {title}", "", *_md_table(_headers(pair, key, result.alpha),
-                                                     [_cells(pair, kind, row) for row in _rows(pair, kind)]), ""]
-        title, positions, grid_lines = _grid_lines(pair)
-        lines += [f"### {title}", "", *_md_table(["Layer", *positions], grid_lines), ""]
+        for grouping in GROUPINGS:
+            lines += [f"### {_title_of(grouping)}", "", *_md_table(
+                _headers(pair, grouping, result.alpha), [_cells(pair, grouping, row) for row in pair.rows(grouping.name)]
+            ), ""]
+        for grouping in GROUPINGS:
+            if len(grouping.keys) == 2:
+                title, columns, grid_lines = _grid_lines(pair, grouping)
+                lines += [f"### {title}", "", *_md_table([grouping.keys[0].capitalize(), *columns], grid_lines), ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -265,21 +270,21 @@ def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [line(header), line(["---"] * len(header)), *(line(row) for row in rows)]
 
 
-CSV_COLUMNS = ("reference_run", "run", "paired", "metric", "table", "layer", "position", *DeltaRow.model_fields)
+CSV_COLUMNS = ("reference_run", "run", "paired", "metric", "table", *AXES, *DeltaRow.model_fields)
 
 
 def to_csv(result: Comparison) -> str:
-    """The delta rows of every comparison (overall, by layer, by position, by cell) as CSV with a header."""
+    """The delta rows of every comparison, of every grouping (overall, by layer, ...), as CSV with a header."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(CSV_COLUMNS)), lineterminator="\n")
     writer.writeheader()
     for pair in result.comparisons:
-        for kind in TABLES:
-            for row in _rows(pair, kind):
+        for grouping in GROUPINGS:
+            for row in pair.rows(grouping.name):
                 values = row.model_dump()
                 writer.writerow({
                     "reference_run": pair.reference.id, "run": pair.other.id, "paired": pair.paired,
-                    "metric": pair.metric, "table": kind,
+                    "metric": pair.metric, "table": grouping.name,
                     **{key: "" if value is None else value for key, value in values.items()},
                 })
     return buffer.getvalue()
@@ -306,11 +311,12 @@ def comparison_figure(result: Comparison) -> Figure:
     figure = Figure(figsize=(12.0, 4.2 * len(pairs)))
     axes_grid = figure.subplots(len(pairs), 2, squeeze=False)
     for (heat, bars), pair in zip(axes_grid, pairs, strict=True):
-        layers = sorted({row.layer for row in pair.by_cell if row.layer is not None})
-        positions = sorted({row.position for row in pair.by_cell if row.position is not None})
+        cells = pair.rows("cell")
+        layers = sorted({row.layer for row in cells if row.layer is not None})
+        positions = sorted({row.position for row in cells if row.position is not None})
         values = [[math.nan] * len(positions) for _ in layers]
         marks = [[False] * len(positions) for _ in layers]
-        for row in pair.by_cell:
+        for row in cells:
             delta = getattr(row, f"delta_{metric}")
             if delta is not None and row.layer is not None and row.position is not None:
                 i, j = layers.index(row.layer), positions.index(row.position)
@@ -332,7 +338,7 @@ def comparison_figure(result: Comparison) -> Figure:
         heat.set_title(f"Δ {metric} ({unit}): {pair.other.name} - {pair.reference.name}", fontsize=9)
         figure.colorbar(image, ax=heat, label=f"Δ {metric} ({unit})")
 
-        rows = [row for row in pair.by_position if row.position is not None]
+        rows = [row for row in pair.rows("position") if row.position is not None]
         xs = list(range(len(rows)))
         deltas = [scale * (getattr(row, f"delta_{metric}") or 0.0) for row in rows]
         below = [max(d - scale * row.delta_low, 0.0) if row.delta_low is not None else 0.0

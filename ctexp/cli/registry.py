@@ -12,12 +12,14 @@ import signal
 import sys
 import tempfile
 from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 import typer
 from rich.table import Table
 
+from ctexp.analysis.groupings import BREAKDOWNS, grouping, names
 from ctexp.cli.app import stdout_console
 from ctexp.cli.options import (
     DbOption,
@@ -32,6 +34,10 @@ from ctexp.cli.options import (
 )
 from ctexp.errors import ConfigError, RegistryError
 from ctexp.registry.locations import Locations
+
+# `ctexp best --by` choices, from the one definition of groupings (typer validates a StrEnum's values).
+ByChoice = StrEnum("ByChoice", [(name, name) for name in names(BREAKDOWNS)])
+DEFAULT_BY = ByChoice("position")
 
 
 def _pct(value: float | None) -> str:
@@ -116,17 +122,18 @@ def show(run: RunArgument, home: HomeOption = None, db_url: DbOption = None, as_
 
     Example: ctexp show latest
     """
-    from ctexp.cli.render import breakdown_table, epochs_table, grid_table
+    from ctexp.cli.render import epochs_table, grouping_tables
 
     with Locations.resolve(home, db_url).registry() as registry:
         record = registry.resolve(run)
         epochs = registry.epochs(record.id)
-        tables = {by: registry.results(record.id, by) for by in ("layer", "position", "cell")}
+        tables = registry.breakdowns(record.id)
     if as_json:
         payload = {
             "run": record.to_json(),
             "epochs": [epoch.model_dump() for epoch in epochs],
-            **{f"by_{by}": [row.model_dump(mode="json") for row in rows] for by, rows in tables.items()},
+            **{grouping.field: [row.model_dump(mode="json") for row in tables[grouping.name]]
+               for grouping in BREAKDOWNS},
         }
         typer.echo(json.dumps(payload, indent=2))
         return
@@ -138,16 +145,12 @@ def show(run: RunArgument, home: HomeOption = None, db_url: DbOption = None, as_
     if epochs:
         stopped = len(epochs) < record.config.get("train", {}).get("epochs", len(epochs) + 1)
         console.print(epochs_table(epochs, record.best_epoch, stopped))
-    if tables["layer"]:
-        console.print(breakdown_table("Performance by layer (test)", "layer", [r.as_group_metrics() for r in tables["layer"]]))
-        console.print(
-            breakdown_table("Performance by position (test)", "position", [r.as_group_metrics() for r in tables["position"]])
-        )
-        console.print(grid_table([r.as_group_metrics() for r in tables["cell"]]))
+    for table in grouping_tables(lambda name: [row.as_group_metrics() for row in tables.get(name, [])]):
+        console.print(table)
 
 
 def best(
-    by: Annotated[Literal["position", "layer", "cell"], typer.Option(help="position, layer or cell.")] = "position",
+    by: Annotated[ByChoice, typer.Option(help=f"{', '.join(names(BREAKDOWNS))}.")] = DEFAULT_BY,
     metric: Annotated[str, typer.Option(help="top1, top5, top10 or loss.")] = "top1",
     experiment: ExperimentFilter = None,
     lens: LensFilter = None,
@@ -162,12 +165,12 @@ def best(
     Example: ctexp best --by position --metric top1 --target first
     """
     with Locations.resolve(home, db_url).registry() as registry:
-        rows = registry.best(by, metric, experiment=experiment, lens=lens, split=split, target=target)
+        rows = registry.best(by.value, metric, experiment=experiment, lens=lens, split=split, target=target)
     if as_json:
         typer.echo(json.dumps([row.model_dump(mode="json") for row in rows], indent=2))
         return
-    keys = {"position": ["position"], "layer": ["layer"], "cell": ["layer", "position"]}[by]
-    table = Table(title=f"Best run by {by} ({metric}, test)")
+    keys = grouping(by.value).keys
+    table = Table(title=f"Best run by {by.value} ({metric}, test)")
     for column in [k.capitalize() for k in keys] + [metric, "95% CI", "States", "Run", "Name", "Lens", "Split",
                                                       "Target"]:
         table.add_column(column)
@@ -200,7 +203,7 @@ def report(
     with locations.registry() as registry:
         record = registry.resolve(run)
         epochs = registry.epochs(record.id)
-        layers, positions, cells = (registry.results(record.id, by) for by in ("layer", "position", "cell"))
+        groups = {name: [row.as_group_metrics() for row in rows] for name, rows in registry.breakdowns(record.id).items()}
     if record.status.value != "FINISHED":
         raise RegistryError(f"run {record.id[:12]} is {record.status.value}; only a finished run has results to report")
     run_dir = locations.home / "runs" / record.id
@@ -208,8 +211,7 @@ def report(
     target = (out or run_dir / "report.md").resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
     figures = save_figures(saved, target.parent) if saved is not None else []
-    text = render_report(record, epochs, layers, positions, cells, saved.samples if saved else [],
-                         [figure.name for figure in figures])
+    text = render_report(record, epochs, groups, saved.samples if saved else [], [figure.name for figure in figures])
     with tempfile.NamedTemporaryFile("w", dir=target.parent, delete=False, suffix=".tmp", encoding="utf-8") as handle:
         handle.write(text)
     Path(handle.name).replace(target)
@@ -293,7 +295,8 @@ def db_current(home: HomeOption = None, db_url: DbOption = None, as_json: JsonOp
 
     Example: ctexp db current
     """
-    from ctexp.registry.db import Registry, mask_url
+    from ctexp.registry.db import Registry
+    from ctexp.registry.engine import mask_url
 
     locations = Locations.resolve(home, db_url)
     with Registry(locations.db_url, upgrade=False, check_schema=False) as registry:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from rich.table import Table
 
+from ctexp.analysis.groupings import GROUPINGS, Grouping
 from ctexp.analysis.result import EpochMetrics, GroupMetrics, RunResult
 from ctexp.data.align import AlignedProblem
 from ctexp.data.tokenizers import Tokenizer
@@ -47,19 +48,23 @@ def epochs_table(epochs: list[EpochMetrics], best_epoch: int | None, stopped_ear
     return table
 
 
-def breakdown_table(title: str, key: str, rows: Iterable[GroupMetrics], empty: list[int] | None = None) -> Table:
-    """By-layer or by-position test metrics with intervals, baselines and lifts."""
+def breakdown_table(
+    title: str, grouping: Grouping, rows: Iterable[GroupMetrics], empty: list[int] | None = None
+) -> Table:
+    """Test metrics of one grouping's rows (overall, by layer, by position, ...) with intervals, baselines and lifts.
+
+    ``empty`` (empty slices per position) adds a column to rows keyed by position.
+    """
     table = Table(title=title)
-    columns = [key.capitalize(), "States", "Loss", "Top-1 [95% CI]", "Top-5", "Top-10", "Prior top-1",
+    columns = [grouping.heading, "States", "Loss", "Top-1 [95% CI]", "Top-5", "Top-10", "Prior top-1",
                "Identity top-1", "Lift vs prior", "Lift vs identity"]
     if empty is not None:
         columns.append("Empty slices")
     for column in columns:
         table.add_column(column, justify="right")
     for row in rows:
-        label = getattr(row, key) if key in ("layer", "position") else "all"
         cells = [
-            str(label), f"{row.n:,}", "-" if row.loss is None else f"{row.loss:.3f}", pct_ci(row),
+            grouping.label(row), f"{row.n:,}", "-" if row.loss is None else f"{row.loss:.3f}", pct_ci(row),
             pct(row.top5), pct(row.top10), pct(row.prior_top1), pct(row.identity_top1),
             signed_points(row.lift_prior), signed_points(row.lift_identity),
         ]
@@ -69,17 +74,20 @@ def breakdown_table(title: str, key: str, rows: Iterable[GroupMetrics], empty: l
     return table
 
 
-def grid_table(cells: list[GroupMetrics], metric: str = "top1", title: str | None = None) -> Table:
-    """Layer x position grid of a metric (or of a signed delta, when ``title`` says so)."""
-    layers = sorted({row.layer for row in cells if row.layer is not None})
-    positions = sorted({row.position for row in cells if row.position is not None})
-    table = Table(title=title or f"Test {metric} by layer (rows) x position (columns)")
-    table.add_column("Layer", justify="right")
-    for position in positions:
-        table.add_column(str(position), justify="right")
-    values = {(row.layer, row.position): getattr(row, metric) for row in cells}
-    for layer in layers:
-        table.add_row(str(layer), *[pct(values.get((layer, position))) for position in positions])
+def grid_table(
+    cells: list[GroupMetrics], metric: str = "top1", title: str | None = None, keys: tuple[str, str] = ("layer", "position")
+) -> Table:
+    """A grid of a metric over a two-key grouping's rows: first key down, second across (layer x position)."""
+    down, across = keys
+    rows = sorted({getattr(row, down) for row in cells if getattr(row, down) is not None})
+    columns = sorted({getattr(row, across) for row in cells if getattr(row, across) is not None})
+    table = Table(title=title or f"Test {metric} by {down} (rows) x {across} (columns)")
+    table.add_column(down.capitalize(), justify="right")
+    for column in columns:
+        table.add_column(str(column), justify="right")
+    values = {(getattr(row, down), getattr(row, across)): getattr(row, metric) for row in cells}
+    for value in rows:
+        table.add_row(str(value), *[pct(values.get((value, column))) for column in columns])
     return table
 
 
@@ -97,17 +105,30 @@ def samples_table(result: RunResult) -> Table:
     return table
 
 
+def grouping_tables(rows_of: Callable[[str], list[GroupMetrics]], empty: list[int] | None = None) -> list[Table]:
+    """A table per grouping with rows: a grid for two keys (layer x position), else a breakdown table.
+
+    Args:
+        rows_of: a grouping's rows by its name (``RunResult.rows``, or rows read from the registry).
+        empty: empty slices per position, shown beside the rows keyed by position alone.
+    """
+    tables = []
+    for grouping in GROUPINGS:
+        rows = rows_of(grouping.name)
+        if not rows:
+            continue
+        if len(grouping.keys) == 2:
+            tables.append(grid_table(rows, keys=(grouping.keys[0], grouping.keys[1])))
+            continue
+        title = f"Performance by {grouping.name} (test)" if grouping.keys else f"Test {grouping.name}"
+        tables.append(breakdown_table(title, grouping, rows, empty if grouping.keys == ("position",) else None))
+    return tables
+
+
 def run_tables(result: RunResult) -> list[Table]:
     """All tables of a run, in reading order."""
     tables = [epochs_table(result.epochs, result.best_epoch, result.stopped_early)] if result.epochs else []
-    tables += [
-        breakdown_table("Test overall", "overall", [result.overall]),
-        breakdown_table("Performance by layer (test)", "layer", result.by_layer),
-        breakdown_table("Performance by position (test)", "position", result.by_position, result.data.empty["empty"]),
-        grid_table(result.by_cell),
-        samples_table(result),
-    ]
-    return tables
+    return [*tables, *grouping_tables(result.rows, result.data.empty["empty"]), samples_table(result)]
 
 
 def alignment_table(problems: list[AlignedProblem], tokenizer: Tokenizer) -> Table:

@@ -102,7 +102,7 @@ def run_experiment(
     head = Head(store, dataset.layers).to(device)
     splits = {name: _tensors(store, dataset, name, device) for name in ("train", "val", "test")}
 
-    lens = Lens(
+    lens = Lens.build(
         config.lens, len(dataset.layers), store.meta.n_positions, store.meta.hidden, config.adapter,
         config.adapter_rank, config.seed,
     ).to(device)
@@ -110,7 +110,7 @@ def run_experiment(
 
     test = dataset.samples["test"]
     lens_table = StateScores.from_scores(test, evaluate_split(lens, head, splits["test"]))
-    identity = Lens(LensKind.IDENTITY, len(dataset.layers), store.meta.n_positions, store.meta.hidden).to(device)
+    identity = Lens.build(LensKind.IDENTITY, len(dataset.layers), store.meta.n_positions, store.meta.hidden).to(device)
     identity_table = StateScores.from_scores(test, evaluate_split(identity, head, splits["test"]))
     prior_table = prior_scores(dataset.samples["train"], test, store.meta.vocab, len(dataset.layers))
 
@@ -140,11 +140,9 @@ def run_experiment(
         epochs=outcome.epochs,
         best_epoch=outcome.best_epoch,
         stopped_early=outcome.stopped_early,
-        overall=_with_lift(lens_bd.overall, baselines["prior"].overall, baselines["identity"].overall),
-        by_layer=_rows_with_lift(lens_bd.by_layer, baselines, "by_layer"),
-        by_position=_rows_with_lift(lens_bd.by_position, baselines, "by_position"),
-        by_cell=_rows_with_lift(lens_bd.by_cell, baselines, "by_cell"),
-        baselines={name: BaselineResult(**vars(bd)) for name, bd in baselines.items()},
+        groups={name: _rows_with_lift(rows, baselines["prior"][name], baselines["identity"][name])
+                for name, rows in lens_bd.items()},
+        baselines={name: BaselineResult(groups=groups) for name, groups in baselines.items()},
         samples=pick_samples(lens_table, dataset.layers, dataset.aligned, tokenizer, seed),
     )
     result = result.model_copy(update={"seconds": round(time.perf_counter() - started, 3)})
@@ -193,15 +191,17 @@ def _with_lift(row: GroupMetrics, prior: GroupMetrics, identity: GroupMetrics) -
     )
 
 
-def _rows_with_lift(rows: list[GroupMetrics], baselines: dict, field: str) -> list[GroupMetrics]:
-    prior_rows, identity_rows = getattr(baselines["prior"], field), getattr(baselines["identity"], field)
+def _rows_with_lift(
+    rows: list[GroupMetrics], prior_rows: list[GroupMetrics], identity_rows: list[GroupMetrics]
+) -> list[GroupMetrics]:
+    """The lens's rows of one grouping with the baselines' top-1 on the same groups, and the lifts over them."""
     return [_with_lift(row, p, i) for row, p, i in zip(rows, prior_rows, identity_rows, strict=True)]
 
 
 def write_run_dir(
     result: RunResult, lens: Lens, dataset: AlignedDataset, table: StateScores, home: Path
 ) -> Path:
-    """Write ``home/runs/<run_id>/`` atomically: config, metrics, predictions, lens weights."""
+    """Write ``home/runs/<run_id>/`` atomically: config, metrics, predictions, lens (``Lens.load`` reads it)."""
     final = Path(home).resolve() / "runs" / result.run_id
     with atomic_directory(final, "run directory") as staging:
         (staging / "config.json").write_text(json.dumps(result.config, indent=2) + "\n", encoding="utf-8")
@@ -209,5 +209,5 @@ def write_run_dir(
         with (staging / "predictions.jsonl").open("w", encoding="utf-8") as handle:
             for row in prediction_rows(table, dataset.layers, dataset.aligned):
                 handle.write(json.dumps(row) + "\n")
-        lens.save(staging, dataset.layers)
+        lens.save(staging, dataset.layers, result.config)
     return final

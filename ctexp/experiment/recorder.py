@@ -15,10 +15,12 @@ run and artifacts.
 from __future__ import annotations
 
 import signal
+import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from types import FrameType
 from typing import Self
 
@@ -30,7 +32,8 @@ from ctexp.experiment.provenance import code_version
 from ctexp.registry.db import Registry
 from ctexp.registry.locations import Locations
 from ctexp.registry.models import RunStatus
-from ctexp.registry.tracking import Tracker, flatten_config
+from ctexp.registry.tracking.names import flatten_config
+from ctexp.registry.tracking.tracker import Tracker
 
 HEARTBEAT_SECONDS = 30.0
 
@@ -187,7 +190,7 @@ def _run_and_record(
 
             with _Heartbeat(registry, run_id, HEARTBEAT_SECONDS):
                 result = run_experiment(config, home=locations.home, on_epoch=record_epoch, plan=plan, run_id=run_id)
-            tracker.finish_run(mlflow_run_id, result, locations.home / "runs" / run_id)
+            _finish_in_mlflow(tracker, mlflow_run_id, result, locations.home / "runs" / run_id)
             registry.finish_run(result)
             return result
     except KeyboardInterrupt as stop:
@@ -201,6 +204,14 @@ def _run_and_record(
     except BaseException as error:
         _end(registry, tracker, run_id, mlflow_run_id, RunStatus.FAILED, f"{type(error).__name__}: {error}")
         raise
+
+
+def _finish_in_mlflow(tracker: Tracker, mlflow_run_id: str, result: RunResult, run_dir: Path) -> None:
+    """Render the run's figures and finish its MLflow run with them (the tracker stores, it does not draw)."""
+    from ctexp.analysis.figures import save_figures  # matplotlib: only a recorded run pays its import
+
+    with tempfile.TemporaryDirectory(prefix="ctexp-figures-") as scratch:
+        tracker.finish_run(mlflow_run_id, result, run_dir, save_figures(result, Path(scratch)))
 
 
 def _end(

@@ -9,7 +9,8 @@ A step (``TrainStep``) does no Python work per layer, position or sample: batche
 blocks gathered by index from the split resident on the device (``batches``), the lens applies all
 its translators in one batched product, the loss against the frozen head and its gradient come from
 ``head.head_loss_and_grad`` (chunked; the two unembedding products per step are the only large
-ones), ``Lens.write_grads`` gives the parameter gradients without an autograd graph, and
+ones), ``Lens.write_grads`` gives the parameter gradients (without an autograd graph for every
+built-in kind; autograd for a kind without a hand-written backward), and
 ``FusedAdamW`` clips and updates in one fused pass. The unembedding products run in bfloat16 where
 that is faster (``resolve_dtype``: CUDA; CPUs with native bf16 and a large head) with float32
 softmax; translators, norm, master weights and optimizer stay float32. Nothing in a step waits for
@@ -155,8 +156,9 @@ class TrainStep:
     """One optimiser step of ``train_lens`` (what the bench times, too).
 
     ``head.head_loss_and_grad`` gives the batch's mean loss and its gradient with respect to the
-    lens outputs, ``Lens.write_grads`` turns that into parameter gradients (no autograd graph: at
-    small shapes its bookkeeping costs more than the arithmetic), ``FusedAdamW`` clips and updates.
+    lens outputs, ``Lens.write_grads`` turns that into parameter gradients (with the kind's
+    hand-written backward where it has one, no autograd graph: at small shapes its bookkeeping costs
+    more than the arithmetic; else by autograd), ``FusedAdamW`` clips and updates.
     Returns the mean loss as a device tensor: nothing in a step waits for the device.
     """
 

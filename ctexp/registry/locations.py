@@ -13,7 +13,7 @@ from ctexp.home import default_home
 
 if TYPE_CHECKING:
     from ctexp.registry.db import Registry
-    from ctexp.registry.tracking import Tracker
+    from ctexp.registry.tracking.tracker import Tracker
 
 STALE_AFTER_SECONDS = 300.0  # a RUNNING run whose heartbeat is this old lost its process
 
@@ -27,8 +27,8 @@ class Locations:
     @classmethod
     def resolve(cls, home: Path | None = None, db_url: str | None = None, tracking_uri: str | None = None) -> Locations:
         """Flags win, then ``CTEXP_HOME`` / ``CTEXP_DB_URL`` / ``MLFLOW_TRACKING_URI``, then ``./mlruns``."""
-        from ctexp.registry.db import resolve_db_url
-        from ctexp.registry.tracking import resolve_tracking_uri
+        from ctexp.registry.engine import resolve_db_url
+        from ctexp.registry.tracking.uris import resolve_tracking_uri
 
         home = (home or default_home()).resolve()
         return cls(home, resolve_db_url(db_url, home), resolve_tracking_uri(tracking_uri, home))
@@ -42,6 +42,6 @@ class Locations:
         return registry
 
     def tracker(self) -> Tracker:
-        from ctexp.registry.tracking import Tracker
+        from ctexp.registry.tracking.tracker import Tracker
 
         return Tracker(self.tracking_uri, self.home / "artifacts")

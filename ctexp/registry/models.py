@@ -38,6 +38,7 @@ VERSION_TABLE = "ctexp_alembic_version"  # Optuna and MLflow keep theirs in `ale
 METRICS = ("loss", "top1", "top5", "top10")
 BASELINES = ("prior", "identity")
 HIGHER_IS_BETTER = {"loss": False, "top1": True, "top5": True, "top10": True}
+TEST_SPLIT = "test"  # the evaluated data split that results are of (the `split` column of ctexp_results)
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_N_label)s",
@@ -221,7 +222,7 @@ class Epoch(Base):
 
 
 def metric_column_names() -> list[str]:
-    """The metric columns every results table has, in table order (see ``GroupMetricsColumns``)."""
+    """The metric columns of the results table, in table order (see ``GroupMetricsColumns``)."""
     names = ["n", "problems", *METRICS]
     names += [f"{metric}_{bound}" for metric in METRICS for bound in ("low", "high")]
     names += [f"{baseline}_{metric}" for baseline in BASELINES for metric in METRICS]
@@ -229,11 +230,11 @@ def metric_column_names() -> list[str]:
 
 
 class GroupMetricsColumns:
-    """The metric columns shared by layer, position and cell results (one place, three tables).
+    """The metric columns of a result row (declared apart so that a test can hold them equal to
+    ``metric_column_names()``, which lists the same columns in the same order).
 
     Metrics are nullable: a position with no test state (``n == 0``) has none. Bounds are the 95%
     bootstrap interval; ``prior_*`` and ``identity_*`` are the baselines on the same states.
-    ``metric_column_names()`` lists the same columns in the same order, and a test holds them equal.
     """
 
     n: Mapped[int]
@@ -262,62 +263,29 @@ class GroupMetricsColumns:
     lift_identity: Mapped[float | None]
 
 
-def _run_id_column() -> Mapped[str]:
+class Result(Base, GroupMetricsColumns):
+    """Test metrics of one run for one group of one grouping (a layer, a position, a cell, ...).
+
+    One long table for every grouping of ``ctexp.analysis.groupings.BREAKDOWNS``: a new grouping needs no
+    new table, and cross-run queries read ``WHERE grouping = 'position'``. ``layer`` and ``position`` hold
+    the group's key values (NULL where its grouping does not key on them); ``group_key`` is the same key
+    as non-null text (``layer=3,position=2``), since unique constraints treat NULLs as distinct.
+    """
+
+    __tablename__ = "ctexp_results"
+    __table_args__ = (
+        PrimaryKeyConstraint("run_id", "split", "grouping", "group_key"),
+        # Cross-run queries look groups up by their key values (by layer, and by cell; by position), as
+        # `best` does for the best value of each group. Key columns lead: led by grouping and split, the
+        # planner scanned every row of a grouping instead, which made `best` twice as slow.
+        Index("ix_ctexp_results_layer_position_grouping_split", "layer", "position", "grouping", "split"),
+        Index("ix_ctexp_results_position_grouping_split", "position", "grouping", "split"),
+    )
+
     # Deleting a run deletes its results in the database itself, whoever deletes it.
-    return mapped_column(String(32), ForeignKey("ctexp_runs.id", ondelete="CASCADE"))
-
-
-def _split_column() -> Mapped[str]:
-    return mapped_column(String(16))  # the evaluated split; "test" for now
-
-
-class LayerResult(Base, GroupMetricsColumns):
-    """Test metrics of one run at one layer (all positions)."""
-
-    __tablename__ = "ctexp_layer_results"
-    __table_args__ = (
-        PrimaryKeyConstraint("run_id", "split", "layer"),
-        Index("ix_ctexp_layer_results_layer_split", "layer", "split"),
-    )
-
-    run_id: Mapped[str] = _run_id_column()
-    split: Mapped[str] = _split_column()
-    layer: Mapped[int]
-
-
-class PositionResult(Base, GroupMetricsColumns):
-    """Test metrics of one run at one CT position (all layers)."""
-
-    __tablename__ = "ctexp_position_results"
-    __table_args__ = (
-        PrimaryKeyConstraint("run_id", "split", "position"),
-        Index("ix_ctexp_position_results_position_split", "position", "split"),
-    )
-
-    run_id: Mapped[str] = _run_id_column()
-    split: Mapped[str] = _split_column()
-    position: Mapped[int]
-
-
-class CellResult(Base, GroupMetricsColumns):
-    """Test metrics of one run at one (layer, position) cell."""
-
-    __tablename__ = "ctexp_cell_results"
-    __table_args__ = (
-        PrimaryKeyConstraint("run_id", "split", "layer", "position"),
-        Index("ix_ctexp_cell_results_layer_position_split", "layer", "position", "split"),
-    )
-
-    run_id: Mapped[str] = _run_id_column()
-    split: Mapped[str] = _split_column()
-    layer: Mapped[int]
-    position: Mapped[int]
-
-
-RESULT_TABLES: dict[str, type[LayerResult | PositionResult | CellResult]] = {
-    "layer": LayerResult,
-    "position": PositionResult,
-    "cell": CellResult,
-}
-# The columns that identify a group within a run, per breakdown.
-GROUP_KEYS = {"layer": ("layer",), "position": ("position",), "cell": ("layer", "position")}
+    run_id: Mapped[str] = mapped_column(String(32), ForeignKey("ctexp_runs.id", ondelete="CASCADE"))
+    split: Mapped[str] = mapped_column(String(16))  # the evaluated split (TEST_SPLIT)
+    grouping: Mapped[str] = mapped_column(String(32))
+    group_key: Mapped[str] = mapped_column(String(128))
+    layer: Mapped[int | None]
+    position: Mapped[int | None]

@@ -22,8 +22,9 @@ from ctexp.sweep.storage import MAX_RETRIES, quiet_optuna
 if TYPE_CHECKING:
     import optuna
 
-    from ctexp.registry.db import Registry, RunRecord
-    from ctexp.registry.tracking import Tracker
+    from ctexp.registry.db import Registry
+    from ctexp.registry.records import RunRecord
+    from ctexp.registry.tracking.tracker import Tracker
 
 # Trial user attributes written by ctexp (shown by optuna-dashboard, too): the worker, the trial's run.
 WORKER_ATTR, RUN_ATTR = "ctexp_worker", "ctexp_run_id"

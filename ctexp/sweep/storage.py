@@ -52,7 +52,7 @@ def storage_kind(storage: str) -> str:
 
 
 def mask_storage(storage: str) -> str:
-    from ctexp.registry.db import mask_url
+    from ctexp.registry.engine import mask_url
 
     return mask_url(storage) if "://" in storage else storage
 

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     import optuna
 
     from ctexp.experiment.recorder import Recorder
-    from ctexp.registry.db import SweepRecord
+    from ctexp.registry.records import SweepRecord
 
 DEFAULT_N_TRIALS = 20
 INTERRUPTED_CODES = (130, 143)  # Ctrl-C, SIGTERM
@@ -263,7 +263,7 @@ def _open_sweep(request: SweepRequest, name: str, storage: str, n_trials: int, r
 
 def _parent_run(request: SweepRequest, sweep: SweepRecord, recorder: Recorder) -> str:
     """The sweep's parent MLflow run: created once, by whoever gets there first; reopened on resume."""
-    from ctexp.registry.tracking import flatten_config
+    from ctexp.registry.tracking.names import flatten_config
 
     tracker = recorder.tracker
     if sweep.mlflow_parent_run_id is not None:

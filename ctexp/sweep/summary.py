@@ -24,7 +24,8 @@ from ctexp.sweep.storage import mask_storage, open_storage, quiet_optuna
 if TYPE_CHECKING:
     import optuna
 
-    from ctexp.registry.db import Registry, RunRecord, SweepRecord
+    from ctexp.registry.db import Registry
+    from ctexp.registry.records import RunRecord, SweepRecord
 
 TOP_TRIALS = 5
 

@@ -1,5 +1,7 @@
 """Recording runs in MLflow: parameters, per-epoch metrics, final metrics, artifacts and figures.
 
+The figures arrive as files (the recorder renders them): the registry stores, it does not draw.
+
 Only ``MlflowClient`` is used, bound to one tracking URI per ``Tracker``: no fluent ``mlflow.start_run``,
 no active run, no ``mlflow.set_tracking_uri``, so concurrent trackers (sweep workers, tests) never
 share state. ``mlflow`` is imported lazily because importing it takes over a second, which a run
@@ -9,30 +11,41 @@ Every failure of MLflow, of its database or of the network is raised as one ``Tr
 with passwords in URIs masked.
 
 Costs (2-core machine): importing mlflow 1-2 s, opening an existing SQLite store 0.5-0.8 s (creating
-one 2-7 s), importing matplotlib 0.4 s; then each recorded run ~0.15-0.25 s of metrics and artifacts,
-plus ~0.3-0.45 s to render its three figures (``python bench/registry.py`` measures both).
+one 2-7 s); then each recorded run ~0.15-0.25 s of metrics and artifacts (rendering its three figures,
+the recorder's part, adds ~0.3-0.45 s; ``python bench/registry.py`` measures both).
 ``Tracker.warm_up`` pays the fixed part ahead. Doing so in a thread while a run trains was measured
 to gain nothing: the imports hold the GIL that the training loop needs.
+
+Long because: ``Tracker`` is one class, the whole surface of MLflow as ctexp uses it (runs, metrics,
+artifacts, the store and server checks), each method behind the same error translation.
 """
 
 from __future__ import annotations
 
 import getpass
 import os
-import re
-import shutil
-import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Literal, NoReturn, TypeVar
 from urllib.parse import unquote, urlparse
 
-from ctexp.analysis.result import EpochMetrics, GroupMetrics, RunResult
+from ctexp.analysis.result import EpochMetrics, RunResult
 from ctexp.errors import TrackingError
 from ctexp.locking import file_lock
+from ctexp.registry.tracking.names import final_metrics
+from ctexp.registry.tracking.uris import (
+    check_writable,
+    failure_reason,
+    file_uri_path,
+    mask_password,
+    quiet_mlflow,
+    remove_run_artifacts,
+    safe_artifact_path,
+    tracking_failures,
+)
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -45,115 +58,9 @@ REMOTE_SCHEMES = ("http", "https")
 LOCAL_SCHEMES = ("sqlite", "file")
 RUN_ARTIFACTS = "run"
 FIGURE_ARTIFACTS = "figures"
-GROUP_METRICS = ("loss", "top1", "top5", "top10")
-ROW_EXTRAS = ("prior_top1", "identity_top1", "lift_prior", "lift_identity")
 DEFAULT_EXPERIMENT_ID = "0"
 
-# user:password@ in any URI inside a message; the password part may hold anything but '@' and spaces.
-_CREDENTIALS = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*):[^@\s]*@")
-
 T = TypeVar("T")
-
-
-def resolve_tracking_uri(uri: str | None, home: Path) -> str:
-    """The tracking URI to use: the argument, else ``$MLFLOW_TRACKING_URI``, else ``HOME/mlflow.db``.
-
-    Args:
-        uri: ``--tracking-uri`` (None or empty when not given).
-        home: the ctexp home; its SQLite database is the default store.
-
-    Returns:
-        A tracking URI, e.g. ``sqlite:////abs/home/mlflow.db``.
-    """
-    if uri:
-        return uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{home.resolve()}/mlflow.db"
-
-
-def quiet_mlflow() -> None:
-    """Keep MLflow off the network and off stdout, unless the user explicitly asked otherwise.
-
-    MLflow 3 (a) posts a usage event for every created run and logged batch to mlflow-telemetry.io,
-    and (b) writes "View run ... at: URL" lines to stdout whenever a run on a server ends, which
-    would corrupt ``ctexp run --json``. ctexp must never phone home and owns its stdout. MLflow has
-    no per-client switch for either: only environment variables, which it reads at every event and
-    every ``set_terminated``, so setting them before the first run suffices even when ``mlflow`` is
-    already imported. ``setdefault`` keeps a user's explicit ``...=false``.
-    """
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    # MLflow's default of 7 retries with backoff blocks a call for ~4 minutes when a server goes away
-    # mid-run; a few short tries are enough to ride out a blip and still end the run promptly.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-
-
-def mask_password(text: str) -> str:
-    """``scheme://user:secret@host`` -> ``scheme://user:***@host`` anywhere in ``text``."""
-    return _CREDENTIALS.sub(r"\g<head>:***@", text)
-
-
-def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """A nested config as MLflow parameters: dotted keys, string values (``"train.lr" -> "0.001"``).
-
-    Args:
-        config: the resolved config (``RunResult.config`` or ``ExperimentConfig.model_dump(mode="json")``).
-        prefix: the dotted path of ``config`` itself (for recursion).
-
-    Returns:
-        One entry per leaf; None is ``"null"`` and booleans are ``"true"``/``"false"``, as in the JSON
-        the run directory holds, so that ``params.store = 'null'`` finds world runs.
-    """
-    flat: dict[str, str] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten_config(value, f"{name}."))
-        else:
-            flat[name] = _param_value(value)
-    return flat
-
-
-# Per cell, MLflow gets top-1 only: L x T cells times every metric would be hundreds of flat keys
-# (slow to log, unreadable in the UI); the SQL tables hold every cell metric with its interval.
-CELL_METRICS = ("top1",)
-
-
-def final_metrics(result: RunResult) -> dict[str, float]:
-    """The final metrics of a run under MLflow keys; None values are left out.
-
-    Keys: ``test/*`` (overall), ``layer{L}/*`` and ``position{P}/*``, each with ``loss``, ``top1``,
-    ``top5``, ``top10``, their ``*_low``/``*_high`` 95% interval ends, ``n``, ``problems``,
-    ``prior_top1``, ``identity_top1``, ``lift_prior``, ``lift_identity``; ``cell/l{L}_p{P}/top1``
-    (the SQL tables hold every cell metric); the baselines overall as ``prior/*`` and ``identity/*``;
-    and ``run/seconds``, ``run/lens_parameters``, ``run/epochs``, ``run/best_epoch``.
-
-    Args:
-        result: a finished run.
-
-    Returns:
-        Metric name -> value.
-    """
-    metrics = _group_metrics("test", result.overall)
-    for row in result.by_layer:
-        metrics.update(_group_metrics(f"layer{row.layer}", row))
-    for row in result.by_position:
-        metrics.update(_group_metrics(f"position{row.position}", row))
-    for row in result.by_cell:
-        cell = _group_metrics(f"cell/l{row.layer}_p{row.position}", row)
-        metrics.update({key: value for key, value in cell.items() if key.rsplit("/", 1)[1] in CELL_METRICS})
-    for name, baseline in result.baselines.items():
-        metrics.update(_group_metrics(name, baseline.overall))
-    run = {
-        "run/seconds": result.seconds,
-        "run/lens_parameters": result.lens_parameters,
-        "run/epochs": len(result.epochs),
-        "run/best_epoch": result.best_epoch,
-    }
-    metrics.update({key: float(value) for key, value in run.items() if value is not None})
-    return metrics
 
 
 class Tracker:
@@ -216,11 +123,11 @@ class Tracker:
                     "use sqlite:///PATH/mlflow.db instead (check --tracking-uri / MLFLOW_TRACKING_URI)"
                 )
             store = self._local_store_path()
-            _check_writable(store.parent if self.scheme == "sqlite" else store, "MLflow store")
+            check_writable(store.parent if self.scheme == "sqlite" else store, "MLflow store")
             if self.scheme == "sqlite" and store.exists() and not os.access(store, os.R_OK | os.W_OK):
                 raise TrackingError(f"the MLflow database {store} is not writable; check its permissions")
             if self.artifact_location is not None:
-                _check_writable(_file_uri_path(self.artifact_location), "MLflow artifact")
+                check_writable(file_uri_path(self.artifact_location), "MLflow artifact")
         else:
             self._unsupported_scheme()
 
@@ -284,7 +191,9 @@ class Tracker:
         with self._errors(f"log epoch {epoch.epoch}"):
             self._client.log_batch(mlflow_run_id, metrics=_metrics(values, step=epoch.epoch), synchronous=True)
 
-    def finish_run(self, mlflow_run_id: str, result: RunResult, run_dir: Path) -> None:
+    def finish_run(
+        self, mlflow_run_id: str, result: RunResult, run_dir: Path, figures: Sequence[Path] = ()
+    ) -> None:
         """Log the final metrics, the run directory and the figures; then mark the run FINISHED.
 
         ``log_results`` then ``log_figures``, then the status. On failure the run is marked FAILED
@@ -294,13 +203,14 @@ class Tracker:
             mlflow_run_id: from ``start_run``.
             result: the finished run.
             run_dir: ``HOME/runs/RUN_ID`` (config.json, result.json, predictions.jsonl, lens files).
+            figures: the run's rendered figures (``ctexp.analysis.figures.save_figures``).
 
         Raises:
             TrackingError: MLflow refused or could not be reached, or ``run_dir`` is not a directory.
         """
         with self._failing_run(mlflow_run_id):
             self.log_results(mlflow_run_id, result, run_dir)
-            self.log_figures(mlflow_run_id, result)
+            self.log_figures(mlflow_run_id, figures)
             with self._errors("mark the run finished"):
                 self._client.set_terminated(mlflow_run_id, "FINISHED")
 
@@ -318,17 +228,15 @@ class Tracker:
         with self._errors("log the run directory"):
             self._client.log_artifacts(mlflow_run_id, str(run_dir), RUN_ARTIFACTS)
 
-    def log_figures(self, mlflow_run_id: str, result: RunResult) -> None:
-        """Render the run's three figures (``ctexp.figures``) and log them under ``figures/``.
+    def log_figures(self, mlflow_run_id: str, figures: Sequence[Path]) -> None:
+        """Log a run's figures (PNG files, rendered by the caller) under ``figures/``.
 
         Raises:
-            TrackingError: MLflow refused or could not be reached, or the figures could not be written.
+            TrackingError: MLflow refused or could not be reached, or a figure is missing.
         """
-        from ctexp.analysis.figures import save_figures
-
-        with tempfile.TemporaryDirectory(prefix="ctexp-figures-") as scratch, self._errors("log the figures"):
-            save_figures(result, Path(scratch))
-            self._client.log_artifacts(mlflow_run_id, scratch, FIGURE_ARTIFACTS)
+        with self._errors("log the figures"):
+            for figure in figures:
+                self._client.log_artifact(mlflow_run_id, str(figure), FIGURE_ARTIFACTS)
 
     def end_run(self, mlflow_run_id: str, status: Literal["FAILED", "KILLED"]) -> None:
         """Mark a run that did not finish: FAILED (an error) or KILLED (interrupted, pruned).
@@ -434,7 +342,7 @@ class Tracker:
             artifact_uri = self._client.get_run(mlflow_run_id).info.artifact_uri
             self._client.delete_run(mlflow_run_id)
         if artifact_uri and artifact_uri.startswith("file:"):
-            _remove_run_artifacts(_file_uri_path(artifact_uri), mlflow_run_id)
+            remove_run_artifacts(file_uri_path(artifact_uri), mlflow_run_id)
 
     def search(self, experiment: str, filter_string: str = "") -> list[Run]:
         """The active runs of an experiment, newest first (all pages); [] for an unknown experiment.
@@ -459,7 +367,7 @@ class Tracker:
                     return runs
 
     def warm_up(self) -> None:
-        """Pay the fixed costs now: import MLflow and matplotlib, open the store (create its schema).
+        """Pay the fixed costs now: import MLflow, open the store (create its schema).
 
         These take seconds (see the module docstring); benchmarks call this first so that they time
         the per-run cost only. Safe to call from another thread alongside the other methods.
@@ -468,7 +376,6 @@ class Tracker:
             TrackingError: the store cannot be opened.
         """
         self._client  # noqa: B018 - opening the client is the point
-        import ctexp.analysis.figures  # noqa: F401 - matplotlib's import and font cache
 
     @property
     def _client(self) -> MlflowClient:
@@ -530,7 +437,7 @@ class Tracker:
                 timeout=(CHECK_TIMEOUT_S, CHECK_TIMEOUT_S), raise_on_status=False, params={"max_results": 1},
             )
         except Exception as error:  # requests, urllib3 and MLflow each raise their own kinds
-            reason = _reason(error, timeout=f"no answer within {2 * CHECK_TIMEOUT_S:g} s")
+            reason = failure_reason(error, timeout=f"no answer within {2 * CHECK_TIMEOUT_S:g} s")
             raise TrackingError(self._unreachable(reason)) from error
         if response.status_code in (401, 403):
             raise TrackingError(self._unreachable(
@@ -557,7 +464,7 @@ class Tracker:
     def _local_store_path(self) -> Path:
         """The SQLite database file, or the file store's directory, of a local tracking URI."""
         if self.scheme == "file":
-            return _file_uri_path(self.tracking_uri)
+            return file_uri_path(self.tracking_uri)
         # sqlite:///relative.db and sqlite:////absolute.db; a query (?timeout=...) is not part of it.
         path = self.tracking_uri.split(":", 1)[1].removeprefix("///").split("?", 1)[0]
         if path in ("", ":memory:") or not self.tracking_uri.lower().startswith("sqlite:///"):
@@ -573,9 +480,9 @@ class Tracker:
             yield
         except TrackingError:
             raise
-        except _tracking_failures() as error:
+        except tracking_failures() as error:
             raise TrackingError(
-                f"MLflow could not {action} at {self.display_uri}: {mask_password(_reason(error))}"
+                f"MLflow could not {action} at {self.display_uri}: {mask_password(failure_reason(error))}"
             ) from error
 
     @contextmanager
@@ -589,45 +496,6 @@ class Tracker:
             except Exception:  # noqa: BLE001, S110 - the store is failing; the first error is the one to report
                 pass
             raise
-
-
-def safe_artifact_path(artifact_path: str | None) -> str | None:
-    """Check that an artifact folder stays inside the run's artifacts; return it normalised.
-
-    Raises:
-        TrackingError: an absolute path, a drive, a backslash or a ``..`` component.
-    """
-    if artifact_path is None:
-        return None
-    posix = PurePosixPath(artifact_path)
-    if posix.is_absolute() or ".." in posix.parts or "\\" in artifact_path or PureWindowsPath(artifact_path).drive:
-        raise TrackingError(
-            f"artifact path {artifact_path!r} must be a relative folder inside the run (no '..', no leading '/')"
-        )
-    normalised = posix.as_posix()
-    return None if normalised == "." else normalised
-
-
-def _group_metrics(prefix: str, row: GroupMetrics) -> dict[str, float]:
-    values: dict[str, float | int | None] = {"n": row.n, "problems": row.problems}
-    for name in GROUP_METRICS:
-        values[name] = getattr(row, name)
-        interval = row.ci.get(name)
-        if interval is not None:
-            values[f"{name}_low"], values[f"{name}_high"] = interval
-    for name in ROW_EXTRAS:
-        values[name] = getattr(row, name)
-    return {f"{prefix}/{key}": float(value) for key, value in values.items() if value is not None}
-
-
-def _param_value(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (list, tuple)):
-        return ",".join(_param_value(item) for item in value)
-    return str(value)
 
 
 def _metrics(values: Mapping[str, float], step: int) -> list:
@@ -648,56 +516,3 @@ def _user() -> str:
         return getpass.getuser()
     except (OSError, KeyError):
         return "unknown"
-
-
-def _file_uri_path(uri: str) -> Path:
-    parsed = urlparse(uri)
-    return Path(unquote(parsed.netloc + parsed.path if parsed.netloc not in ("", "localhost") else parsed.path))
-
-
-def _check_writable(directory: Path, what: str) -> None:
-    """``directory`` exists and is writable, or its nearest existing ancestor is (so it can be made)."""
-    existing = directory.resolve()
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise TrackingError(f"cannot create the {what} directory {directory}: {existing} is not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise TrackingError(f"the {what} directory {existing} is not writable; check its permissions")
-
-
-def _remove_run_artifacts(artifacts: Path, mlflow_run_id: str) -> None:
-    # Local layout: <experiment location>/<run id>/artifacts; remove the run's folder only when it
-    # is named after the run, so that an odd artifact URI can never widen the deletion.
-    target = artifacts.parent if artifacts.name == "artifacts" and artifacts.parent.name == mlflow_run_id else artifacts
-    shutil.rmtree(target, ignore_errors=True)
-
-
-def _tracking_failures() -> tuple[type[BaseException], ...]:
-    from mlflow.exceptions import MlflowException
-    from requests import RequestException
-    from sqlalchemy.exc import SQLAlchemyError
-
-    return (MlflowException, RequestException, SQLAlchemyError, OSError)
-
-
-def _reason(error: BaseException, timeout: str = "timed out waiting for an answer") -> str:
-    """Say why in a few words: a timeout, the root OS error of a failed connection, or the first line."""
-    chain = []
-    current: BaseException | None = error
-    while current is not None and current not in chain:
-        chain.append(current)
-        current = current.__cause__ or current.__context__
-    # requests, urllib3 and socket each have their own timeout class; all of them say "Timeout".
-    if any(isinstance(link, TimeoutError) or "Timeout" in type(link).__name__ for link in chain):
-        return timeout
-    root = chain[-1]
-    if root is not error and isinstance(root, OSError) and root.strerror:
-        return root.strerror.lower()  # "connection refused", "name or service not known"
-    return _first_line(error)
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    text = lines[0] if lines else type(error).__name__
-    return text if len(text) <= 300 else text[:297] + "..."

@@ -1,0 +1,73 @@
+"""Reading recorded runs back for analysis: a run's record and its files, from the run directory or MLflow.
+
+Loading is the registry's business, analysing is not: ``load_compared_runs`` hands ``compare`` typed,
+loaded runs (``ComparedRun``), so that ``ctexp.analysis`` never reads the registry itself.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+from ctexp.analysis.comparison import ComparedRun, read_states
+from ctexp.errors import RegistryError
+from ctexp.registry.locations import Locations
+from ctexp.registry.records import RunRecord
+from ctexp.registry.tracking.tracker import RUN_ARTIFACTS
+
+PREDICTIONS_FILE = "predictions.jsonl"
+RESULT_FILE = "result.json"
+
+
+def load_compared_runs(locations: Locations, refs: Sequence[str]) -> list[ComparedRun]:
+    """The runs ``refs`` name, each with its test states, in the order given (a run named twice is loaded once).
+
+    Args:
+        locations: where runs live (``Locations.resolve(home, db_url, tracking_uri)``).
+        refs: run ids, unique id prefixes, run names, MLflow run ids or ``latest``.
+
+    Raises:
+        RegistryError: a run is unknown, not finished, or has no per-state predictions (neither in its run
+            directory nor as the MLflow artifact ``run/predictions.jsonl``).
+        TrackingError: MLflow had to be asked for predictions and could not be reached.
+    """
+    with locations.registry() as registry:
+        records = [registry.resolve(ref) for ref in refs]
+    loaded: dict[str, ComparedRun] = {}
+    with tempfile.TemporaryDirectory(prefix="ctexp-compare-") as scratch:
+        for record in records:
+            if record.id not in loaded:
+                loaded[record.id] = _load_run(locations, record, Path(scratch))
+    return [loaded[record.id] for record in records]
+
+
+def _load_run(locations: Locations, record: RunRecord, scratch: Path) -> ComparedRun:
+    """Read a run's predictions (and test problem ids) from its run directory, else from MLflow."""
+    if record.status.value != "FINISHED":
+        raise RegistryError(
+            f"run {record.id[:12]} ({record.name}) is {record.status.value}; only finished runs can be compared"
+        )
+    run_dir = locations.home / "runs" / record.id
+    predictions, result = run_dir / PREDICTIONS_FILE, run_dir / RESULT_FILE
+    source: Literal["run directory", "mlflow"] = "run directory"
+    if not predictions.is_file():
+        downloaded = None
+        if record.mlflow_run_id:
+            tracker = locations.tracker()
+            target = scratch / record.id
+            target.mkdir(parents=True, exist_ok=True)
+            downloaded = tracker.download_artifact(record.mlflow_run_id, f"{RUN_ARTIFACTS}/{PREDICTIONS_FILE}", target)
+            if downloaded is not None and not result.is_file():
+                result = tracker.download_artifact(
+                    record.mlflow_run_id, f"{RUN_ARTIFACTS}/{RESULT_FILE}", target
+                ) or result
+        if downloaded is None:
+            where = f" nor in MLflow run {record.mlflow_run_id} ({RUN_ARTIFACTS}/{PREDICTIONS_FILE})" if (
+                record.mlflow_run_id) else " and the run has no MLflow run"
+            raise RegistryError(
+                f"run {record.id[:12]} ({record.name}) has no per-state predictions: not in {predictions}{where}"
+            )
+        predictions, source = downloaded, "mlflow"
+    return ComparedRun(record, read_states(predictions, result if result.is_file() else None, record.id), source)

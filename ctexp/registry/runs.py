@@ -1,0 +1,225 @@
+"""The registry's writes of a run's life: start, heartbeat, epochs, results, end, delete."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import delete, insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from ctexp.analysis.groupings import AXES, BREAKDOWNS, Grouping
+from ctexp.analysis.result import EpochMetrics, RunResult
+from ctexp.config import ExperimentConfig
+from ctexp.errors import RegistryError
+from ctexp.registry.database import Database, now, require_run, unknown_run
+from ctexp.registry.models import BASELINES, METRICS, TEST_SPLIT, Epoch, Experiment, Result, Run, RunStatus
+
+
+class RunWrites(Database):
+    """The writes of a run's life (a part of ``Registry``), each one transaction."""
+
+    def start_run(
+        self,
+        run_id: str,
+        name: str,
+        config: ExperimentConfig,
+        *,
+        store_hash: str,
+        store_path: str | None,
+        device: str,
+        code_version: str,
+        sweep_id: int | None = None,
+        trial_number: int | None = None,
+        mlflow_run_id: str | None = None,
+    ) -> None:
+        """Record a RUNNING run (and its experiment, created on first use), with its heartbeat now.
+
+        Raises:
+            RegistryError: the run id is already recorded, or the database fails.
+        """
+        started = now()
+
+        def work(session: Session) -> None:
+            if session.get(Run, run_id) is not None:
+                raise RegistryError(f"run {run_id} is already in the results database; start a run with a new id")
+            session.add(Run(
+                id=run_id, name=name, experiment_id=_experiment_id(session, config, started),
+                status=RunStatus.RUNNING, started_at=started, heartbeat_at=started,
+                config_json=config.model_dump(mode="json"), lens=config.lens.value, adapter=config.adapter.value,
+                split=str(config.split), target=config.target.value, layers=config.layers,
+                positions=config.positions, seed=config.seed, store_hash=store_hash, store_path=store_path,
+                code_version=code_version, device=device, mlflow_run_id=mlflow_run_id, sweep_id=sweep_id,
+                trial_number=trial_number,
+            ))
+
+        self._write(f"record the start of run {run_id}", work)
+
+    def set_mlflow_run_id(self, run_id: str, mlflow_run_id: str) -> None:
+        """Link a run to its MLflow run."""
+        self._update_run(run_id, f"link run {run_id} to MLflow", mlflow_run_id=mlflow_run_id)
+
+    def heartbeat(self, run_id: str) -> None:
+        """Say the run is alive (``mark_stale_runs`` fails runs that stop saying so)."""
+        self._update_run(run_id, f"record a heartbeat of run {run_id}", heartbeat_at=now())
+
+    def record_epoch(self, run_id: str, epoch: EpochMetrics) -> None:
+        """Record (or replace) one epoch's metrics, and the run's heartbeat."""
+        def work(session: Session) -> None:
+            require_run(session, run_id).heartbeat_at = now()
+            session.merge(_epoch_row(run_id, epoch))
+
+        self._write(f"record epoch {epoch.epoch} of run {run_id}", work)
+
+    def finish_run(self, result: RunResult) -> None:
+        """Record a run's results and mark it FINISHED, in one transaction.
+
+        Writes its epochs (replacing those recorded along the way), one results row per group of every
+        grouping in ``BREAKDOWNS`` (each layer, position, cell, ...) with intervals and the baselines'
+        values on the same states, and the headline metrics (the ``overall`` group). Finishing again
+        replaces the results: it is safe to retry.
+
+        Raises:
+            RegistryError: the run was never started, or the database fails.
+        """
+        def work(session: Session) -> None:
+            run = require_run(session, result.run_id)
+            for table in (Epoch, Result):
+                session.execute(delete(table).where(table.run_id == run.id))
+            session.add_all(_epoch_row(run.id, epoch) for epoch in result.epochs)
+            rows = [row for grouping in BREAKDOWNS for row in _result_rows(result, grouping)]
+            if rows:
+                session.execute(insert(Result), rows)
+            ended = now()
+            run.name = result.name
+            run.status, run.ended_at, run.heartbeat_at, run.error = RunStatus.FINISHED, ended, ended, None
+            for column, value in _headline(result).items():
+                setattr(run, column, value)
+
+        self._write(f"record the results of run {result.run_id}", work)
+
+    def end_run(self, run_id: str, status: RunStatus, error: str | None = None) -> None:
+        """End a run that did not finish: FAILED, KILLED or PRUNED, with the reason. Its epochs are kept.
+
+        A FINISHED run stays finished (so an error after ``finish_run`` cannot undo its results).
+
+        Raises:
+            ValueError: ``status`` is not FAILED, KILLED or PRUNED.
+            RegistryError: the run is unknown, or the database fails.
+        """
+        status = RunStatus(status)
+        if status not in (RunStatus.FAILED, RunStatus.KILLED, RunStatus.PRUNED):
+            raise ValueError(
+                f"end_run takes FAILED, KILLED or PRUNED, not {status.value}; use finish_run for results"
+            )
+
+        def work(session: Session) -> None:
+            run = require_run(session, run_id)
+            if run.status is not RunStatus.FINISHED:
+                run.status, run.error, run.ended_at = status, error, now()
+
+        self._write(f"record the end of run {run_id}", work)
+
+    def mark_stale_runs(self, older_than_s: float) -> list[str]:
+        """Mark FAILED ("heartbeat lost") the RUNNING runs whose last heartbeat is older than ``older_than_s``.
+
+        Their end time is their last heartbeat, the last time they were known alive.
+
+        Returns:
+            The ids of the runs marked.
+        """
+        cutoff = now() - timedelta(seconds=older_than_s)
+        statement = (
+            update(Run)
+            .where(Run.status == RunStatus.RUNNING, Run.heartbeat_at < cutoff)
+            .values(status=RunStatus.FAILED, error="heartbeat lost", ended_at=Run.heartbeat_at)
+            .returning(Run.id)
+            .execution_options(synchronize_session=False)
+        )
+        return sorted(self._write("mark stale runs", lambda session: list(session.scalars(statement))))
+
+    def delete_run(self, run_id: str) -> None:
+        """Delete a run; its epochs and results go with it (foreign keys cascade in the database).
+
+        Raises:
+            RegistryError: the run is unknown, or the database fails.
+        """
+        def work(session: Session) -> None:
+            deleted = session.execute(delete(Run).where(Run.id == run_id)).rowcount
+            if not deleted:
+                raise unknown_run(run_id)
+
+        self._write(f"delete run {run_id}", work)
+
+    def _update_run(self, run_id: str, action: str, **values: Any) -> None:
+        def work(session: Session) -> None:
+            if not session.execute(update(Run).where(Run.id == run_id).values(**values)).rowcount:
+                raise unknown_run(run_id)
+
+        self._write(action, work)
+
+def _epoch_row(run_id: str, epoch: EpochMetrics) -> Epoch:
+    """The SQL row of an epoch (per-position validation top-1 stays in result.json)."""
+    return Epoch(run_id=run_id, **epoch.model_dump(exclude={"val_position_top1"}))
+
+
+def _experiment_id(session: Session, config: ExperimentConfig, created: datetime) -> int:
+    """The id of the experiment ``(config.experiment, config_hash)``, created if new."""
+    name, config_hash = config.experiment, config.config_hash()
+    query = select(Experiment.id).where(Experiment.name == name, Experiment.config_hash == config_hash)
+    found = session.scalar(query)
+    if found is not None:
+        return found
+    experiment = Experiment(
+        name=name, config_hash=config_hash, created_at=created,
+        config_json=config.model_dump(mode="json", exclude={"name", "device"}),
+    )
+    try:
+        with session.begin_nested():  # a savepoint: losing a race to another writer keeps our transaction
+            session.add(experiment)
+    except IntegrityError:
+        found = session.scalar(query)  # the other writer's row
+        assert found is not None
+        return found
+    return experiment.id
+
+
+def _headline(result: RunResult) -> dict[str, Any]:
+    """The run row's headline columns: overall test metrics, baselines, training summary."""
+    overall = result.overall
+    low, high = overall.ci.get("top1") or (None, None)
+    best = [epoch.val_loss for epoch in result.epochs if epoch.epoch == result.best_epoch]
+    return {
+        "test_top1": overall.top1, "test_top5": overall.top5, "test_top10": overall.top10,
+        "test_loss": overall.loss, "test_top1_low": low, "test_top1_high": high,
+        "prior_top1": overall.prior_top1, "identity_top1": overall.identity_top1,
+        "best_val_loss": best[0] if best else min((epoch.val_loss for epoch in result.epochs), default=None),
+        "best_epoch": result.best_epoch, "n_test_problems": result.data.problems.get(TEST_SPLIT),
+        "n_test_states": overall.n, "seconds": result.seconds,
+    }
+
+
+def _result_rows(result: RunResult, grouping: Grouping) -> list[dict[str, Any]]:
+    """One ``ctexp_results`` row per group of ``grouping`` in ``result``, the baselines matched by key."""
+    baselines = {
+        name: {grouping.key(row): row for row in baseline.rows(grouping.name)}
+        for name, baseline in result.baselines.items()
+    }
+    rows = []
+    for group in result.rows(grouping.name):
+        key = grouping.key(group)
+        values: dict[str, Any] = {"run_id": result.run_id, "split": TEST_SPLIT, "grouping": grouping.name,
+                                  "group_key": grouping.group_key(group)}
+        values |= {axis: getattr(group, axis) for axis in AXES}
+        values |= {"n": group.n, "problems": group.problems, "lift_prior": group.lift_prior,
+                   "lift_identity": group.lift_identity}
+        for metric in METRICS:
+            values[metric] = getattr(group, metric)
+            values[f"{metric}_low"], values[f"{metric}_high"] = group.ci.get(metric) or (None, None)
+        for name in BASELINES:
+            baseline = baselines.get(name, {}).get(key)
+            for metric in METRICS:
+                values[f"{name}_{metric}"] = None if baseline is None else getattr(baseline, metric)
+        rows.append(values)
+    return rows
