@@ -17,8 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ctexp.analysis.compare import holm, mcnemar_p
 from ctexp.analysis.intervention import ProblemAnswer, adjust, paired_row
+from ctexp.analysis.statistics import holm, mcnemar_p
 from ctexp.data.store import Store, load_store
 from ctexp.experiment.intervene import make_intervene_config, plan_intervention
 from ctexp.model.answers import answered
@@ -73,13 +73,24 @@ def intervene_json(setup: Setup, *args: object) -> dict:
 
 
 @pytest.fixture(scope="module")
-def codi(setup: Setup) -> CodiModel:
-    files = resolve_files(setup.assets.llama_dir, setup.assets.llama.base)
-    return load_codi(files, load_hf_tokenizer(files.tokenizer), CPU, torch.float32, R, ALPHA)
+def models(setup: Setup) -> dict[str, CodiModel]:
+    """The tiny LLaMA and GPT-2 CODI models, loaded as ``ctexp intervene`` loads them (fp32)."""
+    loaded = {}
+    for kind, directory, codi in (("llama", setup.assets.llama_dir, setup.assets.llama),
+                                  ("gpt2", setup.assets.gpt2_dir, setup.assets.gpt2)):
+        files = resolve_files(directory, codi.base)
+        loaded[kind] = load_codi(files, load_hf_tokenizer(files.tokenizer), CPU, torch.float32, R, ALPHA)
+    return loaded
 
 
-def intervener(setup: Setup, codi: CodiModel, batch_size: int = 4) -> Intervener:
-    tokenizer = load_hf_tokenizer(setup.assets.llama.base)
+@pytest.fixture(scope="module")
+def codi(models: dict[str, CodiModel]) -> CodiModel:
+    return models["llama"]
+
+
+def intervener(setup: Setup, codi: CodiModel, batch_size: int = 4, kind: str = "llama") -> Intervener:
+    base = setup.assets.llama.base if kind == "llama" else setup.assets.gpt2.base
+    tokenizer = load_hf_tokenizer(base)
     prompts = [question_ids(tokenizer, question) for question in QUESTIONS]
     return Intervener(codi, prompts, T, MAX_ANSWER, batch_size)
 
@@ -138,15 +149,25 @@ def test_residual_at_the_last_layer_is_feedback_of_its_projection(setup: Setup, 
     assert not torch.allclose(plain.hidden[:, :, position + 1 : T], by_feedback.hidden[:, :, position + 1 : T])
 
 
-@pytest.mark.parametrize("layer", [0, 1])
-def test_residual_replaces_exactly_the_hidden_state_of_its_layer(setup: Setup, codi: CodiModel, layer: int) -> None:
-    runner = intervener(setup, codi)
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("layer", [0, 1, 2])
+def test_residual_replaces_exactly_the_hidden_state_of_its_layer(
+    setup: Setup, models: dict[str, CodiModel], kind: str, layer: int
+) -> None:
+    codi = models[kind]
+    runner = intervener(setup, codi, kind=kind)
     zeros = torch.zeros(len(QUESTIONS), 1, 32)
-    patched = codi.think(runner.prompts, T, MAX_ANSWER, SitePatch(Site.RESIDUAL, layer, frozenset({2}), lambda p, v: zeros))
+    patch = SitePatch(Site.RESIDUAL, layer, frozenset({2}), lambda p, v: zeros)
+    patched = codi.think(runner.prompts, T, MAX_ANSWER, patch)
     plain = codi.think(runner.prompts, T, MAX_ANSWER)
     assert float(patched.hidden[:, layer, 2].abs().max()) == 0.0
     torch.testing.assert_close(patched.hidden[:, :, :2], plain.hidden[:, :, :2])  # earlier steps untouched
-    assert not torch.allclose(patched.hidden[:, :, 3], plain.hidden[:, :, 3])  # later steps see it through the cache
+    torch.testing.assert_close(patched.hidden[:, :layer, 2], plain.hidden[:, :layer, 2])  # and lower layers
+    assert not torch.allclose(patched.hidden[:, :, 3], plain.hidden[:, :, 3])  # later steps see it
+    if layer < S - 1:  # through the cache too: replaying the same feedback still gives other later states
+        feedback = SitePatch(Site.FEEDBACK, None, frozenset({2}), lambda p, v: codi.prj(patched.hidden[:, -1, 2:3]))
+        replayed = codi.think(runner.prompts, T, MAX_ANSWER, feedback)
+        assert not torch.allclose(patched.hidden[:, :, 3], replayed.hidden[:, :, 3])
 
 
 # --- decoded and target against a hand-built loop -------------------------------------------------

@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ctexp.analysis.compare import holm, mcnemar_p
+from ctexp.analysis.statistics import holm, mcnemar_p
 from ctexp.records import Record
 
 ALPHA = 0.05

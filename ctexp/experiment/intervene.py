@@ -63,8 +63,8 @@ from ctexp.model.intervene import (
     site_positions,
 )
 from ctexp.records import FrozenRecord
-from ctexp.registry.db import RunRecord
 from ctexp.registry.locations import Locations
+from ctexp.registry.records import RunRecord
 
 DEFAULT_MODES = (Mode.DECODED, Mode.TARGET, Mode.MEAN, Mode.ZERO, Mode.SWAP, Mode.NOISE)
 LENS_CHUNK = 64  # problems decoded at once: bounds the (chunk, layers, vocab) logits
@@ -369,7 +369,7 @@ def _lens_layer(chosen: int | None, result: RunResult, position: int) -> int:
         if chosen not in result.data.layers:
             raise ConfigError(f"--lens-layer {chosen} is not a layer of the run's lens ({result.data.layers})")
         return chosen
-    cells = [c for c in result.by_cell if c.position == position and c.top1 is not None and c.layer is not None]
+    cells = [c for c in result.rows("cell") if c.position == position and c.top1 is not None and c.layer is not None]
     if not cells:
         raise ConfigError(f"the run has no test results at position {position}; pass --lens-layer L")
     best = max(cells, key=lambda cell: (cell.top1, -cell.layer))  # type: ignore[operator]
@@ -379,7 +379,8 @@ def _lens_layer(chosen: int | None, result: RunResult, position: int) -> int:
 
 def _decoded_tokens(run_dir: Path, store: Store, indices: list[int], lens_layers: dict[int, int]) -> dict[int, torch.Tensor]:
     """The lens's top-1 token of each problem's stored state at each position, at that position's lens layer."""
-    lens, layers = load_run_lens(run_dir)
+    lens, spec = Lens.load(run_dir)
+    layers = spec.layers
     head = Head(store, layers)
     rows = torch.tensor(indices)
     tokens = {}
@@ -393,29 +394,3 @@ def _decoded_tokens(run_dir: Path, store: Store, indices: list[int], lens_layers
                 found.append(head(translated)[:, column].argmax(-1))  # (c,)
             tokens[position] = torch.cat(found)
     return tokens
-
-
-def load_run_lens(run_dir: Path) -> tuple[Lens, list[int]]:
-    """The lens a run saved (``lens.json`` and ``lens.safetensors``) and the layers of its layer axis.
-
-    Raises:
-        RegistryError: the run directory holds no readable lens.
-    """
-    import json
-
-    from safetensors.torch import load_file
-
-    from ctexp.config import AdapterKind, LensKind
-
-    spec_path, weights = run_dir / "lens.json", run_dir / "lens.safetensors"
-    try:
-        spec = json.loads(spec_path.read_text(encoding="utf-8"))
-        lens = Lens(
-            LensKind(spec["kind"]), spec["n_layers"], spec["n_positions"], spec["hidden"],
-            AdapterKind(spec["adapter"]), spec["rank"],
-        )
-        if weights.is_file():
-            lens.load_state_dict(load_file(str(weights)), strict=True)
-        return lens.eval(), [int(layer) for layer in spec["layers"]]
-    except (OSError, ValueError, KeyError, RuntimeError) as error:
-        raise RegistryError(f"the lens in {run_dir} cannot be read ({str(error).splitlines()[0]})") from None
