@@ -33,9 +33,10 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -125,6 +126,21 @@ def question_ids(tokenizer: Any, question: str) -> list[int]:
     return list(tokenizer(question)["input_ids"])
 
 
+class ThoughtPatch(Protocol):
+    """A change to CODI's thoughts while it thinks (an intervention; see ``ctexp.model.intervene``).
+
+    Store position ``p`` is the state latent step ``p`` produces (``think`` runs steps 0..T-1).
+    """
+
+    def feedback(self, position: int, z: torch.Tensor) -> torch.Tensor:
+        """The latent input fed after position ``position``: ``z = prj(h_position)`` (B, 1, d) or a replacement."""
+        ...
+
+    def during(self, lm: Any, position: int) -> AbstractContextManager[None]:
+        """A context (forward hooks on ``lm``) active while latent step ``position`` runs."""
+        ...
+
+
 @dataclass(frozen=True)
 class Thoughts:
     """What one batch produced."""
@@ -183,7 +199,7 @@ class CodiModel:
         Raises:
             ModelError: The model has no recognisable final norm.
         """
-        norm = _final_norm(self.lm)
+        norm = final_norm(self.lm)
         tensors = {
             "norm.weight": norm.weight.detach().cpu(),
             "unembed.weight": self.lm.get_output_embeddings().weight.detach()[: self.vocab].cpu(),
@@ -198,13 +214,16 @@ class CodiModel:
         return NormSpec(kind="rmsnorm", eps=float(eps)), tensors
 
     @torch.inference_mode()
-    def think(self, prompts: list[list[int]], n_positions: int, max_answer_tokens: int) -> Thoughts:
+    def think(
+        self, prompts: list[list[int]], n_positions: int, max_answer_tokens: int, patch: ThoughtPatch | None = None
+    ) -> Thoughts:
         """Run CODI's loop on a batch of questions (ids without bot) and record the states.
 
         Args:
             prompts: Question ids per problem, as ``question_ids`` gives them.
             n_positions: Latent steps T.
             max_answer_tokens: Greedy decoding stops after this many tokens.
+            patch: Changes a thought on the way (an intervention); None runs CODI as it is.
 
         Returns:
             The states at every latent position and at bot, and the answer ids.
@@ -216,10 +235,15 @@ class CodiModel:
         bot = _last_position(out.hidden_states)  # (B, S, d)
         cache, position = _cache_of(out), positions[:, -1:]  # (B, 1)
         latent = []
-        for _ in range(n_positions):
+        for step in range(n_positions):
             z = self.prj(out.hidden_states[-1][:, -1:])  # (B, 1, d)
+            if patch is not None and step > 0:  # z is the projection of store position step - 1
+                z = patch.feedback(step - 1, z)
             mask, position = _grow(mask), position + 1
-            out = self._forward(inputs_embeds=z, attention_mask=mask, position_ids=position, cache=cache, hidden=True)
+            with patch.during(self.lm, step) if patch is not None else contextlib.nullcontext():
+                out = self._forward(
+                    inputs_embeds=z, attention_mask=mask, position_ids=position, cache=cache, hidden=True
+                )
             latent.append(_last_position(out.hidden_states))  # (B, S, d)
             cache = _cache_of(out)
         hidden = torch.stack([*latent, bot], dim=2)  # (B, S, T+1, d)
@@ -285,7 +309,12 @@ def _until_eos(row: list[int], eos: frozenset[int]) -> list[int]:
     return row
 
 
-def _final_norm(lm: Any) -> nn.Module:
+def final_norm(lm: Any) -> nn.Module:
+    """The model's final norm (LLaMA's ``norm``, GPT-2's ``ln_f``), whose output is the last hidden state.
+
+    Raises:
+        ModelError: The model has none that ctexp knows.
+    """
     base = lm.base_model
     for name in ("norm", "ln_f", "final_layernorm", "final_layer_norm"):
         module = getattr(base, name, None)
