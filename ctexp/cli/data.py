@@ -28,7 +28,7 @@ from rich.text import Text
 
 from ctexp.cli.app import print_json, stdout_console
 from ctexp.config import DeviceChoice, EmptyPolicy, SplitRule, TargetRule, WorldConfig, validation_message
-from ctexp.data.sources.choices import NormKind, Precision
+from ctexp.data.sources.choices import AttentionMode, NormKind, Precision
 from ctexp.data.sources.spec import EVERY_SOURCE, PROBLEM_FILES, RECORDS_FORM, source_forms
 from ctexp.errors import ConfigError
 
@@ -63,6 +63,10 @@ def extract(
     max_answer_tokens: Annotated[int, typer.Option(help="Greedy answer decoding stops after this many tokens.")] = 256,
     positions: Annotated[int, typer.Option(help="Latent steps T (continuous thoughts).")] = 6,
     shard_size: Annotated[int, typer.Option(help="Problems per shard: the unit of resumption and of memory.")] = 256,
+    attention: Annotated[
+        AttentionMode | None,
+        typer.Option(help="Also record what bot and each thought attend to, per layer: mean (over heads) or heads."),
+    ] = None,
     force: Annotated[
         bool, typer.Option("--force", help="Replace an existing store; discard a partial one made otherwise.")
     ] = False,
@@ -90,6 +94,7 @@ def extract(
         max_answer_tokens=max_answer_tokens,
         positions=positions,
         shard_size=shard_size,
+        attention=attention,
     )
     extraction = prepare_extraction(
         config, out, resolve_device(device), force=force
@@ -113,10 +118,11 @@ def extract(
     meta = result.meta
     accuracy = 100 * result.correct / meta.n_problems
     resumed = f", {result.resumed} resumed" if result.resumed else ""
+    recorded = f", attention ({attention}) in {result.attention.name}" if result.attention else ""
     typer.echo(
         f"wrote {result.path}: {meta.n_problems} problems ({result.correct} answered correctly, "
         f"{accuracy:.1f}%{resumed}), {meta.n_states} states x {meta.n_positions} positions x {meta.hidden} hidden, "
-        f"{meta.dtype}, vocab {meta.vocab}, hash {meta.content_hash}, {result.seconds:.1f}s"
+        f"{meta.dtype}, vocab {meta.vocab}, hash {meta.content_hash}{recorded}, {result.seconds:.1f}s"
     )
 
 
@@ -144,6 +150,7 @@ def _summary(result: ExtractResult) -> dict[str, Any]:
         "correct": result.correct,
         "accuracy": result.correct / result.meta.n_problems,
         "resumed": result.resumed,
+        "attention": None if result.attention is None else str(result.attention),
         "seconds": round(result.seconds, 3),
     }
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,6 +148,10 @@ class Thoughts:
 
     hidden: torch.Tensor  # (B, S, T+1, d) on the CPU; index T is the bot state
     answers: list[list[int]]  # greedy answer ids per problem, EOS excluded
+    # When asked for: (B, L, H, T+1, n+T) on the CPU, in the model's dtype. Layer i is the block that writes
+    # state i + 1; rows are the thoughts, then bot (as in ``hidden``); keys are the batch's left-padded question
+    # and bot (n wide), then the T thoughts; zero on padding and beyond each row's causal context.
+    attention: torch.Tensor | None = None
 
 
 @dataclass
@@ -215,7 +220,8 @@ class CodiModel:
 
     @torch.inference_mode()
     def think(
-        self, prompts: list[list[int]], n_positions: int, max_answer_tokens: int, patch: ThoughtPatch | None = None
+        self, prompts: list[list[int]], n_positions: int, max_answer_tokens: int, patch: ThoughtPatch | None = None,
+        attention: bool = False,
     ) -> Thoughts:
         """Run CODI's loop on a batch of questions (ids without bot) and record the states.
 
@@ -224,9 +230,10 @@ class CodiModel:
             n_positions: Latent steps T.
             max_answer_tokens: Greedy decoding stops after this many tokens.
             patch: Changes a thought on the way (an intervention); None runs CODI as it is.
+            attention: Also record the attention weights of bot and every thought (see ``_attention``).
 
         Returns:
-            The states at every latent position and at bot, and the answer ids.
+            The states at every latent position and at bot, the answer ids, and the attention if asked.
         """
         ids, mask = _left_pad([[*p, self.bot_id] for p in prompts], self.pad_id, self.device)  # (B, n)
         # Per-row positions count real tokens only, so padding does not shift a row's positions.
@@ -234,11 +241,12 @@ class CodiModel:
         out = self._forward(input_ids=ids, attention_mask=mask, position_ids=positions, cache=None, hidden=True)
         bot = _last_position(out.hidden_states)  # (B, S, d)
         cache, position = _cache_of(out), positions[:, -1:]  # (B, 1)
-        latent = []
+        latent, inputs = [], []
         for step in range(n_positions):
             z = self.prj(out.hidden_states[-1][:, -1:])  # (B, 1, d)
             if patch is not None and step > 0:  # z is the projection of store position step - 1
                 z = patch.feedback(step - 1, z)
+            inputs.append(z)  # after any patch: the attention pass sees what the loop fed
             mask, position = _grow(mask), position + 1
             with patch.during(self.lm, step) if patch is not None else contextlib.nullcontext():
                 out = self._forward(
@@ -248,7 +256,37 @@ class CodiModel:
             cache = _cache_of(out)
         hidden = torch.stack([*latent, bot], dim=2)  # (B, S, T+1, d)
         answers = self._answer(mask, position, cache, max_answer_tokens)
-        return Thoughts(hidden.cpu(), answers)
+        weights = self._attention(ids, mask, positions, torch.cat(inputs, dim=1)) if attention else None
+        return Thoughts(hidden.cpu(), answers, weights)
+
+    def _attention(
+        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, thoughts: torch.Tensor
+    ) -> torch.Tensor:
+        """Attention weights of bot and every thought over its context, from one eager pass over the sequence.
+
+        The loop's own passes keep the model's attention implementation (sdpa by default), whose states
+        differ from eager attention's in the last bits; so the weights come from a separate pass over the
+        question, bot and the loop's very thought inputs, and recording them leaves the states as they were.
+
+        Args:
+            ids: ``(B, n)`` left-padded question and bot ids.
+            mask: ``(B, n + T)`` the loop's attention mask after its T steps.
+            positions: ``(B, n)`` the question's and bot's position ids.
+            thoughts: ``(B, T, d)`` the loop's latent inputs ``z``.
+
+        Returns:
+            ``(B, L, H, T+1, n+T)`` weights on the CPU, in the model's dtype: rows are the thoughts, then bot.
+        """
+        n, steps = ids.shape[1], thoughts.shape[1]
+        embeds = torch.cat([self.lm.get_input_embeddings()(ids), thoughts], dim=1)  # (B, n+T, d)
+        after = positions[:, -1:] + torch.arange(1, steps + 1, device=positions.device)  # (B, T)
+        inputs: dict[str, Any] = {"position_ids": torch.cat([positions, after], dim=1)}  # (B, n+T)
+        if "logits_to_keep" in self._arguments:
+            inputs["logits_to_keep"] = 1
+        rows = [*range(n, n + steps), n - 1]  # the thoughts' queries, then bot's
+        with _eager_attention(self.lm):
+            out = self.lm(inputs_embeds=embeds, attention_mask=mask, use_cache=False, output_attentions=True, **inputs)
+        return torch.stack([layer[:, :, rows] for layer in out.attentions], dim=1).cpu()  # (B, L, H, T+1, n+T)
 
     def _answer(self, mask: torch.Tensor, position: torch.Tensor, cache: Any, max_tokens: int) -> list[list[int]]:
         """Feed eot, then decode greedily over the V real tokens until every row has hit an EOS id."""
@@ -278,6 +316,17 @@ class CodiModel:
         if "logits_to_keep" in self._arguments:
             inputs["logits_to_keep"] = 1  # only the last position's logits are ever used
         return self.lm(**inputs, use_cache=True, output_hidden_states=hidden)
+
+
+@contextlib.contextmanager
+def _eager_attention(lm: Any) -> Iterator[None]:
+    """Switch ``lm`` to eager attention (the implementation that returns its weights) and back."""
+    before = lm.config._attn_implementation
+    lm.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        lm.set_attn_implementation(before)
 
 
 def _cache_of(out: Any) -> Any:

@@ -14,6 +14,10 @@ The store: hidden ``[problems, L + 1, T + 1, d]`` in the run's dtype (position T
 ``normed_states = [L]``, the final norm and the first V rows of the LM head, ``vocab = V``,
 ``tokenizer = hf:<tokenizer dir>``, ``model = <checkpoint file>``, and every problem's
 ``predicted`` and ``correct``. See :mod:`ctexp.model.codi` for the loop itself.
+
+With ``attention`` set, the store also gets ``attention.safetensors``: what bot and each thought attend
+to, per layer, averaged over heads or per head (:mod:`ctexp.data.attention` has the layout,
+:mod:`ctexp.model.attention` the recording). The hidden states are the same as without it.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +35,14 @@ import torch
 from pydantic import Field, ValidationError
 
 from ctexp.config import validation_message
+from ctexp.data.attention import AttentionMode, ContextKind, attention_path
 from ctexp.data.problems import Problem
 from ctexp.data.sources.choices import Precision
 from ctexp.data.sources.spec import PROBLEM_FILES, SourceSpec, read_problems
 from ctexp.data.store import NormSpec, StoreMeta, check_out
 from ctexp.errors import ConfigError
 from ctexp.model.answers import answered
+from ctexp.model.attention import ShardAttention, question_kinds, write_store_attention
 from ctexp.model.checkpoint import ModelFiles, resolve_files
 from ctexp.model.codi import CodiModel, load_codi, load_hf_tokenizer, question_ids
 from ctexp.model.shards import Staging, partial_path
@@ -62,6 +69,9 @@ class ExtractConfig(FrozenRecord):
     max_answer_tokens: int = Field(256, ge=1, description="greedy answer decoding stops after this many tokens")
     positions: int = Field(6, ge=1, le=64, description="latent steps T")
     shard_size: int = Field(256, ge=1, description="problems per shard of the partial output")
+    attention: AttentionMode | None = Field(
+        None, description="also record attention weights: mean (over heads) or heads (every head)"
+    )
 
 
 def make_config(**values: Any) -> ExtractConfig:
@@ -110,6 +120,7 @@ class ExtractResult:
     correct: int
     resumed: int
     seconds: float
+    attention: Path | None = None  # the store's attention file, when recorded
 
 
 @dataclass(frozen=True)
@@ -126,6 +137,7 @@ class Extraction:
     order: list[int]  # processing order: longest question first
     fingerprint: str
     codi: CodiModel
+    kinds: list[list[ContextKind]] | None = None  # question token kinds per problem, when attention is recorded
 
     def run(self, progress: ProgressCallback | None = None) -> ExtractResult:
         """Think, write shards, and assemble the store.
@@ -148,22 +160,31 @@ class Extraction:
         for shard in staging.pending():
             self._run_shard(staging, shard, report)
         norm, head = self.codi.head()
-        path, sealed = staging.assemble(self.out, self._meta(norm), head, self.force)
-        return ExtractResult(path, sealed, staging.correct, resumed, time.perf_counter() - started)
+        mode = self.config.attention
+        finish = None if mode is None else partial(write_store_attention, staging=staging, mode=mode)
+        path, sealed = staging.assemble(self.out, self._meta(norm), head, self.force, finish)
+        attention = None if mode is None else attention_path(path)
+        return ExtractResult(path, sealed, staging.correct, resumed, time.perf_counter() - started, attention)
 
     def _run_shard(self, staging: Staging, shard: int, report: Callable[[int], None]) -> None:
         """Think through one shard's batches; the shard is committed before the last batch is reported."""
         batches = list(_chunks(staging.shard_indices(shard), self.config.batch_size))
         states, finished = [], []
+        mode = self.config.attention
+        attention = None if mode is None else ShardAttention(mode, self.codi.bot_id, self.config.positions)
         for number, batch in enumerate(batches, start=1):
+            prompts = [self.prompts[i] for i in batch]
             thoughts = self.codi.think(
-                [self.prompts[i] for i in batch], self.config.positions, self.config.max_answer_tokens
+                prompts, self.config.positions, self.config.max_answer_tokens, attention=attention is not None
             )
             states.append(thoughts.hidden)
             texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in thoughts.answers]
             finished.extend(answered(self.problems[i], text) for i, text in zip(batch, texts, strict=True))
+            if attention is not None and thoughts.attention is not None and self.kinds is not None:
+                attention.add(thoughts.attention, prompts, [self.kinds[i] for i in batch])
             if number == len(batches):
-                staging.commit(shard, torch.cat(states), finished)  # (n, S, T+1, d)
+                rows = None if attention is None else attention.tensors()
+                staging.commit(shard, torch.cat(states), finished, rows)  # (n, S, T+1, d)
             report(len(batch))
 
     def _meta(self, norm: NormSpec) -> StoreMeta:
@@ -208,7 +229,8 @@ def prepare_extraction(config: ExtractConfig, out: Path, device: torch.device, f
     fingerprint = _fingerprint(config, files, problems)
     Staging.check(partial_path(out), fingerprint, force)
     codi = load_codi(files, tokenizer, device, torch_dtype(config.dtype), config.lora_r, config.lora_alpha)
-    return Extraction(config, out, force, problems, files, tokenizer, prompts, order, fingerprint, codi)
+    kinds = None if config.attention is None else question_kinds(tokenizer, prompts)
+    return Extraction(config, out, force, problems, files, tokenizer, prompts, order, fingerprint, codi, kinds)
 
 
 def extract(
@@ -242,7 +264,10 @@ def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
 def _fingerprint(config: ExtractConfig, files: ModelFiles, problems: list[Problem]) -> str:
     """What identifies an extraction's output: settings (batch size aside), input files and problems."""
     stat = files.checkpoint.stat()
-    settings = config.model_dump(mode="json", exclude={"batch_size", "model", "base", "tokenizer", "data", "limit"})
+    ignored = {"batch_size", "model", "base", "tokenizer", "data", "limit"}
+    if config.attention is None:  # so that a plain extraction's fingerprint is what it was before attention
+        ignored.add("attention")
+    settings = config.model_dump(mode="json", exclude=ignored)
     identity = {
         "settings": settings,
         "checkpoint": [str(files.checkpoint), stat.st_size, stat.st_mtime_ns],

@@ -6,6 +6,7 @@ Layout of the staging directory::
       manifest.json            fingerprint, processing order, shard size, finished shards
       shard-00000.safetensors  "hidden": [n, states, T + 1, hidden] for the shard's problems, in order
       shard-00000.jsonl        those problems, with predicted/correct filled
+      shard-00000.attention.safetensors   with ``--attention`` only: the shard's attention rows
 
 Shard k holds the problems ``order[k * shard_size : (k + 1) * shard_size]``. A shard counts as done
 only once the manifest lists it (the manifest is replaced atomically after the shard's files), so a
@@ -22,6 +23,7 @@ import json
 import os
 import shutil
 import struct
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Literal
@@ -139,18 +141,28 @@ class Staging:
         size = self.manifest.shard_size
         return self.manifest.order[shard * size : (shard + 1) * size]
 
-    def commit(self, shard: int, hidden: torch.Tensor, problems: list[Problem]) -> None:
+    def commit(
+        self,
+        shard: int,
+        hidden: torch.Tensor,
+        problems: list[Problem],
+        attention: dict[str, torch.Tensor] | None = None,
+    ) -> None:
         """Write one finished shard, then record it in the manifest.
 
         Args:
             shard: The shard index.
             hidden: ``(n, S, T+1, d)`` states of the shard's problems, in ``shard_indices`` order.
             problems: Those problems with their answers filled.
+            attention: Tensors of the shard's attention rows (``ctexp.model.attention``), if recorded.
         """
         if len(problems) != len(self.shard_indices(shard)) or hidden.shape[0] != len(problems):
             raise ValueError(f"shard {shard} expects {len(self.shard_indices(shard))} problems")
         stem = self.path / f"shard-{shard:05d}"
         try:
+            if attention is not None:  # before the manifest lists the shard, like its other files
+                save_file({k: v.contiguous() for k, v in attention.items()}, f"{stem}.attention.safetensors.tmp")
+                os.replace(f"{stem}.attention.safetensors.tmp", self.attention_file(shard))
             save_file({"hidden": hidden.contiguous()}, f"{stem}.safetensors.tmp")
             with open(f"{stem}.jsonl.tmp", "w", encoding="utf-8") as handle:
                 handle.writelines(problem.model_dump_json() + "\n" for problem in problems)
@@ -163,7 +175,12 @@ class Staging:
             raise StoreError(f"cannot write {stem}: {error.strerror or error}") from None
 
     def assemble(
-        self, out: Path, meta: StoreMeta, head: dict[str, torch.Tensor], force: bool
+        self,
+        out: Path,
+        meta: StoreMeta,
+        head: dict[str, torch.Tensor],
+        force: bool,
+        finish: Callable[[Path, StoreMeta], None] | None = None,
     ) -> tuple[Path, StoreMeta]:
         """Stream the finished shards into the store at ``out`` (atomically), then remove the staging dir.
 
@@ -172,6 +189,8 @@ class Staging:
             meta: The store's meta, without content hash.
             head: ``norm.weight``, optional ``norm.bias``, ``unembed.weight``.
             force: Replace an existing store.
+            finish: Called with the store's (temporary) directory and sealed meta before it is renamed into
+                place, to add optional files (the attention file).
 
         Returns:
             The store's path and its meta with the content hash.
@@ -184,6 +203,8 @@ class Staging:
         check_out(out, force)
         with atomic_directory(out, "store") as target:
             sealed = self._write_store(target, meta, head)
+            if finish is not None:
+                finish(target, sealed)
         shutil.rmtree(self.path, ignore_errors=True)
         return out, sealed
 
@@ -241,6 +262,14 @@ class Staging:
                 raise StoreError(f"{path} holds {len(recorded)} problems, expected {len(indices)}; rerun with --force")
             by_index.update(zip(indices, recorded, strict=True))
         return [by_index[i] for i in range(len(self.manifest.order))]
+
+    def attention_file(self, shard: int) -> Path:
+        """Where a shard's attention rows are (whether or not they are there)."""
+        return self.path / f"shard-{shard:05d}.attention.safetensors"
+
+    def row_locations(self) -> list[tuple[int, int]]:
+        """(shard, row) of every problem, in source order."""
+        return _row_locations(self.manifest)
 
     def _shard_file(self, shard: int) -> Path:
         path = self.path / f"shard-{shard:05d}.safetensors"

@@ -17,3 +17,10 @@ class NormKind(StrEnum):
 
     RMSNORM = "rmsnorm"
     LAYERNORM = "layernorm"
+
+
+class AttentionMode(StrEnum):
+    """What ``ctexp extract --attention`` keeps of the attention weights (``ctexp.data.attention``)."""
+
+    MEAN = "mean"  # averaged over heads, float32
+    HEADS = "heads"  # every head, in the extraction's dtype
