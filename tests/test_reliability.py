@@ -96,7 +96,7 @@ def test_eight_parallel_runs_on_one_fresh_home_all_land(tmp_path: Path):
     _eight_parallel_runs(home)
     rows = _query(home, "SELECT name, status FROM ctexp_runs ORDER BY name")
     assert rows == [(f"parallel-{i}", "FINISHED") for i in range(8)]
-    assert _query(home, "SELECT count(*) FROM ctexp_cell_results")[0][0] == 8 * 3 * 6
+    assert _query(home, "SELECT count(*) FROM ctexp_results WHERE grouping = 'cell'")[0][0] == 8 * 3 * 6
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{home}/mlflow.db")
@@ -113,7 +113,7 @@ def test_eight_parallel_runs_on_one_fresh_postgresql_database_all_land(tmp_path:
     try:
         with engine.connect() as connection:
             rows = connection.execute(text("SELECT name, status FROM ctexp_runs ORDER BY name")).all()
-            cells = connection.execute(text("SELECT count(*) FROM ctexp_cell_results")).scalar_one()
+            cells = connection.execute(text("SELECT count(*) FROM ctexp_results WHERE grouping = 'cell'")).scalar_one()
     finally:
         engine.dispose()
     assert [tuple(row) for row in rows] == [(f"parallel-{i}", "FINISHED") for i in range(8)]
