@@ -37,6 +37,9 @@ from ctexp.registry.queries import parse_since
 # `ctexp best --by` choices, from the one definition of groupings (typer validates a StrEnum's values).
 ByChoice = StrEnum("ByChoice", [(name, name) for name in names(BREAKDOWNS)])
 DEFAULT_BY = ByChoice("position")
+# MLflow 3.17's UI picks its view from a "GenAI / Model training" switch that starts on GenAI (traces,
+# token usage); this query sets it to model training, where experiments open on their runs table.
+UI_LANDING = "#/experiments?workflowType=machine_learning"
 
 
 def _pct(value: float | None) -> str:
@@ -225,7 +228,8 @@ def ui(
         sys.executable, "-m", "mlflow", "server", "--backend-store-uri", locations.tracking_uri,
         "--default-artifact-root", artifacts, "--host", host, "--port", str(port), "--workers", "1",
     ]
-    typer.echo(f"MLflow UI at http://{host}:{port} (store {tracker.display_uri}); Ctrl-C stops it", err=True)
+    url = f"http://{host}:{port}/{UI_LANDING}"
+    typer.echo(f"MLflow UI at {url} (store {tracker.display_uri}); Ctrl-C stops it", err=True)
     from ctexp.processes import Stopped, run_child
 
     try:

@@ -61,8 +61,9 @@ LOCAL_SCHEMES = ("sqlite", "file")
 RUN_ARTIFACTS = "run"
 FIGURE_ARTIFACTS = "figures"
 DEFAULT_EXPERIMENT_ID = "0"
-# MLflow 3's UI opens an experiment on the view of its kind; without this tag it may take ctexp's
-# experiments for GenAI ones (traces, token usage) instead of opening the runs table.
+# MLflow 3's UI reads this tag to open an experiment on the view of its kind (the runs table, not the GenAI
+# overview of traces and token usage). 3.17 reads it only with its "GenAI / Model training" switch off, so
+# `ctexp ui` also prints a URL that turns the switch to model training.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 
