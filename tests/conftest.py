@@ -16,10 +16,35 @@ from typer.testing import CliRunner
 
 from ctexp.cli import app
 
-POSTGRES_URL = os.environ.get("CTEXP_TEST_POSTGRES_URL")
-needs_postgres = pytest.mark.skipif(
-    not POSTGRES_URL, reason="set CTEXP_TEST_POSTGRES_URL to a PostgreSQL database URL to run PostgreSQL tests"
-)
+# The PostgreSQL tests run wherever a server answers: CTEXP_TEST_POSTGRES_URL, else the local one (trust auth).
+LOCAL_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+POSTGRES_URL = os.environ.get("CTEXP_TEST_POSTGRES_URL") or LOCAL_POSTGRES_URL
+POSTGRES_PROBE_TIMEOUT_S = 3
+
+
+@functools.cache
+def postgres_unavailable() -> str | None:
+    """Why the PostgreSQL tests cannot run (no server answers at ``POSTGRES_URL``), or None when one does."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+    from sqlalchemy.pool import NullPool
+
+    engine = create_engine(POSTGRES_URL, poolclass=NullPool, connect_args={"connect_timeout": POSTGRES_PROBE_TIMEOUT_S})
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+    except SQLAlchemyError as error:
+        reason = " ".join(str(error.orig or error).split())[:200] or type(error).__name__
+        masked = make_url(POSTGRES_URL).render_as_string(hide_password=True)
+        return (f"no PostgreSQL answers at {masked} ({reason}); start one, or set CTEXP_TEST_POSTGRES_URL "
+                "to a PostgreSQL database URL")
+    finally:
+        engine.dispose()
+    return None
+
+
+needs_postgres = pytest.mark.skipif(postgres_unavailable() is not None, reason=postgres_unavailable() or "")
 
 # A world small enough that a run takes about a second: for option coverage, not for science.
 SMALL_WORLD = ["--world-problems", "120", "--world-layers", "2", "--world-hidden", "16", "--epochs", "2"]
@@ -132,19 +157,40 @@ def default_runs(science_cli: Cli) -> Callable[[str], dict]:
 
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
-    """A URL whose connections live in a fresh schema (search_path), dropped with everything in it after."""
+    """A URL of a fresh, uniquely named PostgreSQL database, dropped (with its connections) after the test.
+
+    Where the role may not create databases, a fresh schema (set as the connections' ``search_path``) in
+    ``POSTGRES_URL``'s database stands in, dropped with everything in it after.
+    """
     from sqlalchemy import create_engine, text
     from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ProgrammingError
 
-    assert POSTGRES_URL is not None
-    schema = f"ctexp_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(POSTGRES_URL)
-    with admin.begin() as connection:
-        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
+    name = f"ctexp_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
     try:
-        url = make_url(POSTGRES_URL).update_query_dict({"options": f"-csearch_path={schema}"})
-        yield url.render_as_string(hide_password=False)
+        try:
+            with admin.connect() as connection:
+                connection.execute(text(f'CREATE DATABASE "{name}"'))
+        except ProgrammingError:  # no CREATEDB privilege: a schema it is
+            with admin.connect() as connection:
+                connection.execute(text(f'CREATE SCHEMA "{name}"'))
+            try:
+                yield make_url(POSTGRES_URL).update_query_dict({"options": f"-csearch_path={name}"}).render_as_string(
+                    hide_password=False)
+            finally:
+                with admin.connect() as connection:
+                    connection.execute(text(f'DROP SCHEMA "{name}" CASCADE'))
+            return
+        try:
+            yield make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+        finally:
+            with admin.connect() as connection:
+                # Sweep workers or a leaked pool may still hold connections: end them, then drop.
+                connection.execute(
+                    text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :name AND pid <> "
+                         "pg_backend_pid()"), {"name": name},
+                )
+                connection.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
     finally:
-        with admin.begin() as connection:
-            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
         admin.dispose()

@@ -1,7 +1,8 @@
 """The package's shape, read from the source with ``ast`` (nothing of ctexp is imported).
 
 * Layers, lowest first: the root modules of ``ctexp/`` (errors, records, config, locking, home), then
-  ``data`` < ``lens`` < ``model`` < ``analysis`` < ``registry`` < ``experiment`` < ``sweep`` < ``cli``.
+  ``data`` < ``lens`` < ``model`` < ``analysis`` < ``registry`` < ``experiment`` < ``sweep`` < ``notebook``
+  < ``cli``.
   A module imports only from its own layer or lower ones; imports inside functions and under
   ``TYPE_CHECKING`` count too.
 * No import cycles between modules.
@@ -23,7 +24,8 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ctexp"
-LAYERS = ("", "data", "lens", "model", "analysis", "registry", "experiment", "sweep", "cli")  # "": ctexp/*.py
+# "": ctexp/*.py; notebook (the notebook API) reads runs as the CLI does, beside it and below it
+LAYERS = ("", "data", "lens", "model", "analysis", "registry", "experiment", "sweep", "notebook", "cli")
 MAX_MODULES = 10
 MAX_LINES = 500
 LONG_BECAUSE = "Long because:"

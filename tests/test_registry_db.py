@@ -1,8 +1,8 @@
 """The SQL results registry on SQLite and PostgreSQL: schema, sharing with Optuna, writes, reads, locking.
 
-PostgreSQL tests need ``CTEXP_TEST_POSTGRES_URL`` (e.g. postgresql+psycopg://postgres@127.0.0.1:5432/test)
-and skip without it; each works in a schema of its own, dropped afterwards, so other tables in that
-database are never touched.
+PostgreSQL tests run on ``CTEXP_TEST_POSTGRES_URL``, else the local server
+(postgresql+psycopg://postgres@127.0.0.1:5432/test), and skip only where none answers; each works in a
+database of its own, dropped afterwards (``conftest.postgres_url``), so nothing else is ever touched.
 """
 
 from __future__ import annotations

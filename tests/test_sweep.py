@@ -1,8 +1,9 @@
 """Sweeps end to end: trials as runs in SQL and MLflow, pruning, resuming, exact counts, dead workers.
 
 The sweeps run on a small world (120 problems, 2 layers, hidden 16) with 6 epochs, so that a trial
-takes a second or two. PostgreSQL tests need ``CTEXP_TEST_POSTGRES_URL`` and skip without it; each
-works in a schema of its own (results database and Optuna storage both), dropped afterwards.
+takes a second or two. PostgreSQL tests run on ``CTEXP_TEST_POSTGRES_URL``, else the local server, and
+skip only where none answers; each works in a database of its own (results database and Optuna storage
+both), dropped afterwards.
 """
 
 from __future__ import annotations
@@ -108,6 +109,37 @@ def test_every_trial_is_a_run_and_a_child_mlflow_run(home: Path, main_sweep: dic
             assert child.info.status == "FINISHED" and "test/top1" in child.data.metrics
 
 
+def test_optuna_dashboard_reads_the_objective_and_each_trials_mlflow_run(home: Path, main_sweep: dict) -> None:
+    """The study names its value (optuna-dashboard shows val_top1, not "Objective 0"); each trial names its
+    ctexp run and its MLflow run; MLflow opens the experiment on its runs, each run described."""
+    from mlflow import MlflowClient
+
+    study = optuna.load_study(study_name="main", storage=journal(home))
+    assert study.metric_names == ["val_top1"]
+    mlflow_ids = {row[2]: row[3] for row in runs_of(home, main_sweep["sweep"]["id"])}
+    for trial in study.trials:
+        assert trial.user_attrs["ctexp_mlflow_run_id"] == mlflow_ids[trial.user_attrs["ctexp_run_id"]]
+
+    client = MlflowClient(f"sqlite:///{home}/mlflow.db")
+    parent = client.get_run(main_sweep["sweep"]["mlflow_parent_run_id"])
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    note = parent.data.tags["mlflow.note.content"]
+    best = main_sweep["best"]
+    assert note.startswith("**Sweep `main`**: maximize `val_top1` (validation) over 12 trials, tpe sampler, median")
+    assert f"**Best trial**: {best['number']}, val_top1 = {best['value']:.4f}, ctexp run `{best['run_id']}`" in note
+    store_hash = json.loads((home / "runs" / best["run_id"] / "result.json").read_text())["store"]["content_hash"]
+    for trial in study.trials:
+        child = client.get_run(trial.user_attrs["ctexp_mlflow_run_id"])
+        described = child.data.tags["mlflow.note.content"]
+        if trial.state.name == "PRUNED":
+            assert described.startswith("**PRUNED**: pruned at epoch ")
+        else:
+            assert described.startswith("**Test top-1 ") and "train.lr=" in described
+        (dataset,) = child.inputs.dataset_inputs  # every trial decodes the same store
+        assert dataset.dataset.digest == store_hash
+
+
 def test_best_configuration_reruns_with_ctexp_run(home: Path, main_sweep: dict) -> None:
     best_toml = Path(main_sweep["best_toml"])
     assert best_toml == home / "sweeps" / "main" / "best.toml"
@@ -158,6 +190,7 @@ def test_position_objective_is_the_mean_validation_top1_there(home: Path) -> Non
                          "--sampler", "random", "--pruner", "none", "--search", "split_peak=float:0:5",
                          "--search", "split_width=choice:0.8,3")
     assert out["sweep"]["direction"] == "maximize" and out["counts"]["complete"] == 2
+    assert optuna.load_study(study_name="positions", storage=journal(home)).metric_names == ["val_top1[positions 2,3]"]
     for trial in out["trials"]:
         result = json.loads((home / "runs" / trial["run_id"] / "result.json").read_text())
         at_best = next(e for e in result["epochs"] if e["epoch"] == result["best_epoch"])
@@ -171,6 +204,7 @@ def test_grid_over_categoricals_with_the_loss_objective(home: Path) -> None:
                          "--search", "lens=choice:layer,layer-position", "--search", "train.batch_size=choice:16,64",
                          "--n-trials", "10")
     assert out["n_trials"] == 4 and out["sweep"]["direction"] == "minimize"  # capped to the grid's size
+    assert optuna.load_study(study_name="grid", storage=journal(home)).metric_names == ["val_loss"]
     assert any("the grid has 4 points" in warning for warning in out["warnings"])
     points = {(t["params"]["lens"], t["params"]["train.batch_size"]) for t in out["trials"]}
     assert points == {("layer", 16), ("layer", 64), ("layer-position", 16), ("layer-position", 64)}
@@ -183,16 +217,21 @@ def test_grid_over_categoricals_with_the_loss_objective(home: Path) -> None:
 
 
 def test_a_diverging_trial_is_pruned_its_run_failed_and_the_sweep_goes_on(home: Path) -> None:
+    from mlflow import MlflowClient
+
     out = Cli(home).json("sweep", *SWEEP, "--study", "diverge", "--sampler", "grid", "--pruner", "none",
                          "--search", "train.lr=choice:1e5,1e-3", "--n-trials", "2")
     states = {trial["params"]["train.lr"]: trial["state"] for trial in out["trials"]}
     assert states == {1e5: "PRUNED", 1e-3: "COMPLETE"} and out["sweep"]["status"] == "FINISHED"
     statuses = {row[2]: row[1] for row in runs_of(home, out["sweep"]["id"])}
     study = optuna.load_study(study_name="diverge", storage=journal(home))
+    client = MlflowClient(f"sqlite:///{home}/mlflow.db")
     for trial in study.trials:
         run_status = statuses[trial.user_attrs["ctexp_run_id"]]
         if trial.params["train.lr"] == 1e5:
             assert run_status == "FAILED" and "training diverged at epoch" in trial.user_attrs["ctexp_error"]
+            note = client.get_run(trial.user_attrs["ctexp_mlflow_run_id"]).data.tags["mlflow.note.content"]
+            assert note.startswith("**FAILED**: TrainingDiverged: training diverged at epoch")
         else:
             assert run_status == "FINISHED"
 

@@ -7,6 +7,7 @@ Nothing here uses ``mlflow.set_tracking_uri`` or the fluent API: every read goes
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -23,11 +24,15 @@ from mlflow.exceptions import MlflowException
 from ctexp.analysis.figures import save_figures
 from ctexp.analysis.result import RunResult
 from ctexp.config import build_config
+from ctexp.data.sources.world import build_world
 from ctexp.errors import TrackingError
 from ctexp.experiment.pipeline import run_experiment
+from ctexp.registry.tracking.datasets import store_dataset
+from ctexp.registry.tracking.describe import describe, describe_unfinished
 from ctexp.registry.tracking.names import final_metrics, flatten_config
 from ctexp.registry.tracking.tracker import Tracker
 from ctexp.registry.tracking.uris import mask_password, quiet_mlflow, resolve_tracking_uri, safe_artifact_path
+from tests.conftest import Cli
 
 SMALL = {"world.problems": 120, "world.layers": 2, "world.hidden": 16, "train.epochs": 2}
 EXPERIMENT = "tracking-test"
@@ -68,6 +73,7 @@ def recorded(store: Store) -> Recorded:
         ctexp_run_id=result.run_id,
         params=flatten_config(result.config),
         tags={"ctexp.store_hash": result.store.content_hash, "ctexp.code_version": "test"},
+        dataset=store_dataset(build_world(build_config(None, SMALL).world)),
     )
     for epoch in result.epochs:
         store.tracker.log_epoch(run_id, epoch)
@@ -118,6 +124,82 @@ def test_recorded_run_reads_back(store: Store, recorded: Recorded) -> None:
     assert run.data.tags["ctexp.code_version"] == "test"
     assert run.data.tags["ctexp.store_hash"] == recorded.result.store.content_hash
     assert run.data.tags["mlflow.user"]
+
+
+def test_experiments_are_marked_model_training_so_the_ui_opens_on_runs(store: Store, recorded: Recorded) -> None:
+    experiment = store.client.get_experiment_by_name(EXPERIMENT)
+    assert experiment is not None and experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    # An experiment made before ctexp marked them (or by hand) is marked on its next run.
+    store.client.create_experiment("unmarked", artifact_location=(store.home / "artifacts").as_uri())
+    store.tracker.start_run(experiment="unmarked", run_name="r", ctexp_run_id="r", params={}, tags={})
+    assert store.client.get_experiment_by_name("unmarked").tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_the_description_tells_the_result_in_markdown(store: Store, recorded: Recorded) -> None:
+    result = recorded.result
+    note = store.client.get_run(recorded.mlflow_run_id).data.tags["mlflow.note.content"]
+    assert note == describe(result)
+    overall, (low, high) = result.overall, result.overall.ci["top1"]
+    assert note.startswith(f"**Test top-1 {100 * overall.top1:.2f}% [{100 * low:.1f}, {100 * high:.1f}]**")
+    for name, label in (("prior", "prior (train-set token frequencies)"), ("identity", "logit lens (identity)")):
+        baseline = result.baselines[name].overall
+        lift = 100 * (overall.top1 - baseline.top1)
+        assert f"- Baseline {label}: top-1 {100 * baseline.top1:.2f}%" in note
+        assert f"; lift {lift:+.2f} points" in note
+    positions = result.rows("position")
+    table = [line for line in note.splitlines() if line.startswith("| ") and not line.startswith("| Position")]
+    assert len(table) == len(positions)
+    for line, row in zip(table, positions, strict=True):
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        assert cells[:2] == [str(row.position), f"{row.n:,}"] and cells[3] == f"{100 * row.top1:.2f}%"
+        assert cells[7:9] == [f"{100 * row.prior_top1:.2f}%", f"{100 * row.identity_top1:.2f}%"]
+    best = max(result.rows("layer"), key=lambda row: row.top1)
+    assert f"**Best layer**: {best.layer}, top-1 {100 * best.top1:.2f}%" in note
+    (config_line,) = [line for line in note.splitlines() if line.startswith("**Config**: ")]
+    assert config_line == "**Config**: `" + " ".join(f"{k}={v}" for k, v in flatten_config(result.config).items()) + "`"
+
+
+def test_a_run_without_results_says_how_it_stands() -> None:
+    config = build_config(None, SMALL).model_dump(mode="json")
+    running = describe_unfinished("RUNNING", config)
+    assert running.startswith("**RUNNING**: training; the results replace this description") and "train.lr=0.001" in running
+    assert describe_unfinished("FAILED", config, "ValueError: boom").startswith("**FAILED**: ValueError: boom\n")
+    with pytest.raises(TypeError, match="no run description for dict"):
+        describe(config)
+
+
+def test_the_store_is_the_runs_dataset_input(store: Store, recorded: Recorded) -> None:
+    (dataset_input,) = store.client.get_run(recorded.mlflow_run_id).inputs.dataset_inputs
+    dataset = dataset_input.dataset
+    assert dataset.digest == recorded.result.store.content_hash
+    assert dataset.name == recorded.result.store.model  # the embedded world: its spec names it
+    assert (dataset.source_type, json.loads(dataset.source)) == ("code", {"uri": recorded.result.store.model})
+    columns = {column["name"]: column["type"] for column in json.loads(dataset.schema)["mlflow_colspec"]}
+    assert columns == {"hidden": "float32 [120, 3, 7, 16]", "norm.weight": "float32 [16]",
+                       "unembed.weight": "float32 [1586, 16]", "problems": "jsonl [120]"}
+    assert json.loads(dataset.profile)["problems"] == 120
+    assert [(tag.key, tag.value) for tag in dataset_input.tags] == [("mlflow.data.context", "train/val/test")]
+
+
+def test_runs_on_one_store_on_disk_share_its_dataset(tmp_path: Path) -> None:
+    """Through the CLI: the dataset is the store directory, and two runs on it name the same (name, digest)."""
+    cli = Cli(tmp_path / "home")
+    out = tmp_path / "stores" / "small"
+    cli("world", "--out", str(out), "--problems", "120", "--layers", "2", "--hidden", "16")
+    results = [cli.json("run", "--store", str(out), "--epochs", "1", "--lens", lens) for lens in ("layer", "identity")]
+    client = mlflow.MlflowClient(f"sqlite:///{cli.home}/mlflow.db")
+    experiment = client.get_experiment_by_name("default")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    datasets = []
+    for result in results:
+        (run,) = client.search_runs([experiment.experiment_id], f"tags.`ctexp.run_id` = '{result['run_id']}'")
+        (dataset_input,) = run.inputs.dataset_inputs
+        datasets.append(dataset_input.dataset)
+        assert run.data.tags["mlflow.note.content"] == describe(RunResult.model_validate(result))
+    assert datasets[0] == datasets[1]
+    assert datasets[0].digest == results[0]["store"]["content_hash"]
+    assert (datasets[0].name, datasets[0].source_type) == ("small", "local")
+    assert json.loads(datasets[0].source) == {"uri": str(out.resolve())}
 
 
 def test_epoch_metrics_have_a_history(store: Store, recorded: Recorded) -> None:

@@ -6,12 +6,10 @@ Thin: each command resolves the locations, calls the registry library and prints
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import signal
 import sys
 import tempfile
-from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -34,28 +32,18 @@ from ctexp.cli.options import (
 )
 from ctexp.errors import ConfigError, RegistryError
 from ctexp.registry.locations import Locations
+from ctexp.registry.queries import parse_since
 
 # `ctexp best --by` choices, from the one definition of groupings (typer validates a StrEnum's values).
 ByChoice = StrEnum("ByChoice", [(name, name) for name in names(BREAKDOWNS)])
 DEFAULT_BY = ByChoice("position")
+# MLflow 3.17's UI picks its view from a "GenAI / Model training" switch that starts on GenAI (traces,
+# token usage); this query sets it to model training, where experiments open on their runs table.
+UI_LANDING = "#/experiments?workflowType=machine_learning"
 
 
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
-
-
-def parse_since(text: str) -> datetime:
-    """``2026-11-30``, ``2026-11-30T08:00``, or a relative ``90m`` / ``12h`` / ``7d`` (UTC)."""
-    relative = re.fullmatch(r"(\d+)\s*([mhd])", text.strip())
-    if relative:
-        amount, unit = int(relative.group(1)), relative.group(2)
-        delta = {"m": timedelta(minutes=amount), "h": timedelta(hours=amount), "d": timedelta(days=amount)}[unit]
-        return datetime.now(UTC) - delta
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise ConfigError(f"--since {text!r} is not a date; use 2026-11-30, 2026-11-30T08:00, 90m, 12h or 7d") from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def register(app: typer.Typer) -> None:
@@ -240,7 +228,8 @@ def ui(
         sys.executable, "-m", "mlflow", "server", "--backend-store-uri", locations.tracking_uri,
         "--default-artifact-root", artifacts, "--host", host, "--port", str(port), "--workers", "1",
     ]
-    typer.echo(f"MLflow UI at http://{host}:{port} (store {tracker.display_uri}); Ctrl-C stops it", err=True)
+    url = f"http://{host}:{port}/{UI_LANDING}"
+    typer.echo(f"MLflow UI at {url} (store {tracker.display_uri}); Ctrl-C stops it", err=True)
     from ctexp.processes import Stopped, run_child
 
     try:

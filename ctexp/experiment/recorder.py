@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import Self
+from typing import Any, Self
 
 from ctexp.analysis.result import EpochMetrics, RunResult
 from ctexp.config import ExperimentConfig
@@ -32,6 +32,8 @@ from ctexp.experiment.provenance import code_version
 from ctexp.registry.db import Registry
 from ctexp.registry.locations import Locations
 from ctexp.registry.models import RunStatus
+from ctexp.registry.tracking.datasets import store_dataset
+from ctexp.registry.tracking.describe import NOTE_TAG, describe_unfinished
 from ctexp.registry.tracking.names import flatten_config
 from ctexp.registry.tracking.tracker import Tracker
 
@@ -129,6 +131,7 @@ class Recorder:
         trial_number: int | None = None,
         extra_tags: dict[str, str] | None = None,
         run_id: str | None = None,
+        on_tracked: Callable[[str], None] | None = None,
     ) -> RunResult:
         """Run one experiment and record it in the results database and MLflow.
 
@@ -137,7 +140,8 @@ class Recorder:
         error it ends FAILED and the error propagates.
 
         ``run_id`` fixes the run's id (default: a new random one), so that a sweep can note it in its
-        trial before the run starts.
+        trial before the run starts; ``on_tracked`` is called with the MLflow run id once that run exists
+        (a sweep notes it in its trial too).
         """
         plan = plan or plan_run(config)
         run_id = run_id or uuid.uuid4().hex
@@ -150,7 +154,7 @@ class Recorder:
         )
         return _run_and_record(
             config, self.locations, plan, self.registry, self.tracker, run_id, name, version, on_epoch,
-            parent_mlflow_run_id, extra_tags or {},
+            parent_mlflow_run_id, extra_tags or {}, on_tracked,
         )
 
 
@@ -163,14 +167,15 @@ def tracked_run(config: ExperimentConfig, locations: Locations, **options: objec
 def _run_and_record(
     config: ExperimentConfig, locations: Locations, plan: RunPlan, registry: Registry, tracker: Tracker,
     run_id: str, name: str, version: str, on_epoch: Callable[[EpochMetrics], None] | None,
-    parent_mlflow_run_id: str | None, extra_tags: dict[str, str],
+    parent_mlflow_run_id: str | None, extra_tags: dict[str, str], on_tracked: Callable[[str], None] | None,
 ) -> RunResult:
     mlflow_run_id: str | None = None
+    settings = config.model_dump(mode="json")
     try:
         with sigterm_as_interrupt():
             mlflow_run_id = tracker.start_run(
                 experiment=config.experiment, run_name=name, ctexp_run_id=run_id,
-                params=flatten_config(config.model_dump(mode="json")),
+                params=flatten_config(settings),
                 tags={
                     "ctexp.store_hash": plan.prepared.store.meta.content_hash,
                     "ctexp.code_version": version,
@@ -179,8 +184,12 @@ def _run_and_record(
                     **extra_tags,
                 },
                 parent_run_id=parent_mlflow_run_id,
+                dataset=store_dataset(plan.prepared.store),
+                description=describe_unfinished("RUNNING", settings),
             )
             registry.set_mlflow_run_id(run_id, mlflow_run_id)
+            if on_tracked is not None:
+                on_tracked(mlflow_run_id)
 
             def record_epoch(epoch: EpochMetrics) -> None:
                 registry.record_epoch(run_id, epoch)
@@ -196,13 +205,13 @@ def _run_and_record(
     except KeyboardInterrupt as stop:
         terminated = isinstance(stop, Terminated)
         how = "terminated (SIGTERM)" if terminated else "interrupted"
-        _end(registry, tracker, run_id, mlflow_run_id, RunStatus.KILLED, how)
+        _end(registry, tracker, run_id, mlflow_run_id, RunStatus.KILLED, how, settings)
         raise Interrupted(f"{how}: run {run_id[:12]} recorded as KILLED", 143 if terminated else 130) from None
     except RunPruned as pruned:
-        _end(registry, tracker, run_id, mlflow_run_id, RunStatus.PRUNED, str(pruned) or "pruned")
+        _end(registry, tracker, run_id, mlflow_run_id, RunStatus.PRUNED, str(pruned) or "pruned", settings)
         raise
     except BaseException as error:
-        _end(registry, tracker, run_id, mlflow_run_id, RunStatus.FAILED, f"{type(error).__name__}: {error}")
+        _end(registry, tracker, run_id, mlflow_run_id, RunStatus.FAILED, f"{type(error).__name__}: {error}", settings)
         raise
 
 
@@ -215,11 +224,13 @@ def _finish_in_mlflow(tracker: Tracker, mlflow_run_id: str, result: RunResult, r
 
 
 def _end(
-    registry: Registry, tracker: Tracker, run_id: str, mlflow_run_id: str | None, status: RunStatus, error: str
+    registry: Registry, tracker: Tracker, run_id: str, mlflow_run_id: str | None, status: RunStatus, error: str,
+    settings: dict[str, Any],
 ) -> None:
     """Mark a run ended in both stores, as far as each can be reached (the original error wins).
 
-    MLflow has no PRUNED status: a pruned run is KILLED there, tagged ``ctexp.pruned=true``.
+    MLflow has no PRUNED status: a pruned run is KILLED there, tagged ``ctexp.pruned=true``. Its
+    description says how it ended.
     """
     try:
         registry.end_run(run_id, status, error[:2000])
@@ -227,8 +238,10 @@ def _end(
         pass
     if mlflow_run_id is not None:
         try:
+            tags = {NOTE_TAG: describe_unfinished(status.value, settings, error[:2000])}
             if status is RunStatus.PRUNED:
-                tracker.set_tags(mlflow_run_id, {"ctexp.pruned": "true", "ctexp.pruned_reason": error[:500]})
+                tags.update({"ctexp.pruned": "true", "ctexp.pruned_reason": error[:500]})
+            tracker.set_tags(mlflow_run_id, tags)
             tracker.end_run(mlflow_run_id, "KILLED" if status is RunStatus.PRUNED else status.value)  # type: ignore[arg-type]
         except CtexpError:
             pass

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Row, Select, and_, func, select
@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from ctexp.analysis.groupings import BREAKDOWNS, Grouping, grouping, names
 from ctexp.analysis.result import EpochMetrics
-from ctexp.errors import RegistryError
+from ctexp.errors import ConfigError, RegistryError
 from ctexp.registry.database import Database, require_run
 from ctexp.registry.models import (
     HEADLINE_METRICS,
@@ -223,6 +223,24 @@ class RunQueries(Database):
         query = _runs().where(Run.sweep_id == sweep_id).order_by(Run.trial_number, Run.started_at, Run.id)
         with self._session(f"list the trials of sweep {sweep_id}") as session:
             return [_record(row) for row in session.execute(query)]
+
+
+def parse_since(text: str) -> datetime:
+    """``2026-11-30``, ``2026-11-30T08:00``, or a relative ``90m`` / ``12h`` / ``7d`` (UTC): ``--since``.
+
+    Raises:
+        ConfigError: none of these.
+    """
+    relative = re.fullmatch(r"(\d+)\s*([mhd])", text.strip())
+    if relative:
+        amount, unit = int(relative.group(1)), relative.group(2)
+        delta = {"m": timedelta(minutes=amount), "h": timedelta(hours=amount), "d": timedelta(days=amount)}[unit]
+        return datetime.now(UTC) - delta
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(f"--since {text!r} is not a date; use 2026-11-30, 2026-11-30T08:00, 90m, 12h or 7d") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _as_utc(moment: datetime) -> datetime:

@@ -26,8 +26,9 @@ if TYPE_CHECKING:
     from ctexp.registry.records import RunRecord
     from ctexp.registry.tracking.tracker import Tracker
 
-# Trial user attributes written by ctexp (shown by optuna-dashboard, too): the worker, the trial's run.
-WORKER_ATTR, RUN_ATTR = "ctexp_worker", "ctexp_run_id"
+# Trial user attributes written by ctexp (shown by optuna-dashboard, too): the worker, the trial's run
+# (ctexp's run id, and its MLflow run id once that run exists).
+WORKER_ATTR, RUN_ATTR, MLFLOW_RUN_ATTR = "ctexp_worker", "ctexp_run_id", "ctexp_mlflow_run_id"
 
 
 class WorkerId(FrozenRecord):

@@ -66,6 +66,14 @@ class Objective(FrozenRecord):
     def direction(self) -> str:
         return "minimize" if self.kind is ObjectiveKind.VAL_LOSS else "maximize"
 
+    @property
+    def metric_name(self) -> str:
+        """The study's name for its value (``Study.set_metric_names``), which optuna-dashboard shows:
+        ``val_top1``, ``val_loss``, or ``val_top1[positions 2,3]``."""
+        if self.kind is ObjectiveKind.POSITIONS:
+            return f"val_top1[positions {','.join(map(str, self.positions))}]"
+        return self.kind.value
+
     def epoch_value(self, epoch: EpochMetrics) -> float:
         """The objective on one epoch's validation metrics.
 

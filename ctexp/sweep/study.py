@@ -27,6 +27,7 @@ from ctexp.config import LensKind, parse_index_spec
 from ctexp.errors import ConfigError, CtexpError, Interrupted
 from ctexp.records import FrozenRecord
 from ctexp.registry.locations import Locations
+from ctexp.registry.tracking.describe import NOTE_TAG
 from ctexp.sweep.recovery import RUN_ATTR, WorkerId, recover
 from ctexp.sweep.request import SamplerKind, SweepPlan, SweepRequest
 from ctexp.sweep.space import apply_overrides
@@ -217,6 +218,9 @@ def _open_study(request: SweepRequest, name: str, storage: Any, storage_text: st
             f"study {name!r} in {mask_storage(storage_text)} {study.direction.name.lower()}s, but objective "
             f"{request.objective} needs to {request.objective.direction}; give another --study"
         )
+    if study.metric_names != [request.objective.metric_name]:  # so optuna-dashboard says val_top1, not Objective 0
+        with quiet_optuna():
+            study.set_metric_names([request.objective.metric_name])
     definition = request.definition()
     existing = study.user_attrs.get(DEFINITION_ATTR)
     if existing is None:
@@ -276,12 +280,29 @@ def _parent_run(request: SweepRequest, sweep: SweepRecord, recorder: Recorder) -
         experiment=request.base.experiment, run_name=f"sweep {sweep.name}", ctexp_run_id=f"sweep:{sweep.name}",
         params=params, tags={"ctexp.sweep": sweep.name, "ctexp.sweep_id": str(sweep.id),
                              "ctexp.kind": "sweep", "ctexp.storage": sweep.storage},
+        description=sweep_description(request, sweep),
     )
     winner = recorder.registry.set_sweep_parent(sweep.id, mine)
     if winner != mine:  # another machine created one at the same time: keep theirs
         with contextlib.suppress(CtexpError):
             tracker.delete_run(mine)
     return winner
+
+
+def sweep_description(request: SweepRequest, sweep: SweepRecord, best: optuna.trial.FrozenTrial | None = None) -> str:
+    """The Markdown description of a sweep's parent MLflow run: what it searches, and its best trial so far."""
+    objective = request.objective
+    lines = [
+        (f"**Sweep `{sweep.name}`**: {objective.direction} `{objective.metric_name}` (validation) over "
+         f"{sweep.n_trials} trials, {sweep.sampler} sampler, {sweep.pruner} pruner; each trial is a child run."),
+        "",
+        "**Search space**: " + ", ".join(f"`{key}={spec}`" for key, spec in request.space.specs().items()),
+    ]
+    if best is not None:
+        lines += ["", f"**Best trial**: {best.number}, {objective.metric_name} = {best.value:.4f}, ctexp run "
+                      f"`{best.user_attrs.get(RUN_ATTR, '-')}`, params "
+                      + ", ".join(f"`{key}={value}`" for key, value in best.params.items())]
+    return "\n".join(lines)
 
 
 def _run_processes(plan: SweepPlan, workers: int, progress: Callable[[], None]) -> list[WorkerReport]:
@@ -364,6 +385,7 @@ def _finish(
                 metrics["best_value"] = float(best.value)  # type: ignore[arg-type]
                 recorder.tracker.set_tags(plan.parent_run_id, {
                     "ctexp.best_trial": str(best.number), "ctexp.best_run_id": best.user_attrs.get(RUN_ATTR, ""),
+                    NOTE_TAG: sweep_description(request, sweep, best),
                 })
             recorder.tracker.log_metrics(plan.parent_run_id, metrics)
             if status in mlflow_status:

@@ -28,7 +28,7 @@ from ctexp.config import ExperimentConfig
 from ctexp.errors import ConfigError, CtexpError, Interrupted, TrainingDiverged
 from ctexp.lens.metrics import EpochMetrics
 from ctexp.records import FrozenRecord
-from ctexp.sweep.recovery import RUN_ATTR, WORKER_ATTR, WorkerId, recover
+from ctexp.sweep.recovery import MLFLOW_RUN_ATTR, RUN_ATTR, WORKER_ATTR, WorkerId, recover
 from ctexp.sweep.request import ERROR_ATTR, INVALID_ATTR, OVERRIDES_ATTR, PrunerKind, SamplerKind, SweepPlan
 from ctexp.sweep.space import SearchSpace, apply_overrides
 from ctexp.sweep.storage import SweepLock, open_storage, quiet_optuna
@@ -225,6 +225,7 @@ def _one_trial(
             result = recorder.run(
                 config, plan=plan_run(config, prepared), on_epoch=on_epoch, parent_mlflow_run_id=plan.parent_run_id,
                 sweep_id=plan.sweep_id, trial_number=trial.number, run_id=run_id,
+                on_tracked=lambda mlflow_run_id: trial.set_user_attr(MLFLOW_RUN_ATTR, mlflow_run_id),
                 extra_tags={"ctexp.sweep": plan.name, "ctexp.trial_number": str(trial.number),
                             **{f"ctexp.search.{key}": str(value) for key, value in recorded.items()}},
             )

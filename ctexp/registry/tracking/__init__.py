@@ -1,2 +1,3 @@
-"""MLflow tracking: the ``Tracker`` (``tracker``), what ctexp names params and metrics (``names``), and
-tracking URIs, masking and failures (``uris``)."""
+"""MLflow tracking: the ``Tracker`` (``tracker``), what ctexp names params and metrics (``names``), a run's
+Markdown description (``describe``), the activation store as a dataset input (``datasets``), and tracking
+URIs, masking and failures (``uris``)."""

@@ -35,6 +35,8 @@ from urllib.parse import unquote, urlparse
 from ctexp.analysis.result import EpochMetrics, RunResult
 from ctexp.errors import TrackingError
 from ctexp.locking import file_lock
+from ctexp.registry.tracking.datasets import StoreDataset
+from ctexp.registry.tracking.describe import NOTE_TAG, describe
 from ctexp.registry.tracking.names import final_metrics
 from ctexp.registry.tracking.uris import (
     check_writable,
@@ -59,6 +61,11 @@ LOCAL_SCHEMES = ("sqlite", "file")
 RUN_ARTIFACTS = "run"
 FIGURE_ARTIFACTS = "figures"
 DEFAULT_EXPERIMENT_ID = "0"
+# MLflow 3's UI reads this tag to open an experiment on the view of its kind (the runs table, not the GenAI
+# overview of traces and token usage). 3.17 reads it only with its "GenAI / Model training" switch off, so
+# `ctexp ui` also prints a URL that turns the switch to model training.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 T = TypeVar("T")
 
@@ -140,8 +147,13 @@ class Tracker:
         params: Mapping[str, str],
         tags: Mapping[str, str],
         parent_run_id: str | None = None,
+        dataset: StoreDataset | None = None,
+        description: str | None = None,
     ) -> str:
-        """Create an MLflow run (and its experiment if new), with tags and parameters.
+        """Create an MLflow run (and its experiment if new), with tags, parameters and its input dataset.
+
+        The experiment is marked as a model-training one (``mlflow.experimentKind``), so that MLflow's
+        UI opens it on its runs table.
 
         Args:
             experiment: MLflow experiment name; created on first use.
@@ -151,6 +163,10 @@ class Tracker:
             tags: further tags (``ctexp.store_hash``, ``ctexp.code_version``,
                 ``mlflow.source.git.commit``, ...); they cannot override ``ctexp.run_id``.
             parent_run_id: the MLflow run this one nests under (a sweep's parent run).
+            dataset: the activation store the run decodes (``datasets.store_dataset``), logged as the
+                run's dataset input.
+            description: Markdown for the run's description (the run note) until ``log_results``
+                writes the result's own.
 
         Returns:
             The MLflow run id.
@@ -163,6 +179,8 @@ class Tracker:
         all_tags = {"mlflow.user": _user(), **tags, "ctexp.run_id": ctexp_run_id}
         if parent_run_id is not None:
             all_tags["mlflow.parentRunId"] = parent_run_id
+        if description is not None:
+            all_tags[NOTE_TAG] = description
         with self._errors(f"start a run in experiment {experiment!r}"):
             experiment_id = self._experiment_id(experiment)
             run = self._client.create_run(
@@ -172,6 +190,9 @@ class Tracker:
         with self._failing_run(run_id), self._errors("log the run's parameters"):
             for chunk in _chunks(sorted(params.items()), PARAMS_PER_BATCH):
                 self._client.log_batch(run_id, params=[Param(k, str(v)) for k, v in chunk], synchronous=True)
+        if dataset is not None:
+            with self._failing_run(run_id), self._errors("log the run's dataset"):
+                self._client.log_inputs(run_id, [dataset.to_mlflow()])
         return run_id
 
     def log_epoch(self, mlflow_run_id: str, epoch: EpochMetrics) -> None:
@@ -215,7 +236,8 @@ class Tracker:
                 self._client.set_terminated(mlflow_run_id, "FINISHED")
 
     def log_results(self, mlflow_run_id: str, result: RunResult, run_dir: Path) -> None:
-        """Log the final metrics (``final_metrics``) and the run directory under the artifact folder ``run/``.
+        """Log the final metrics (``final_metrics``), the description (``describe``, as the run note) and
+        the run directory under the artifact folder ``run/``.
 
         Raises:
             TrackingError: MLflow refused or could not be reached, or ``run_dir`` is not a directory.
@@ -225,6 +247,7 @@ class Tracker:
         with self._errors("log the final metrics"):
             for chunk in _chunks(sorted(final_metrics(result).items()), METRICS_PER_BATCH):
                 self._client.log_batch(mlflow_run_id, metrics=_metrics(dict(chunk), step=0), synchronous=True)
+        self.set_tags(mlflow_run_id, {NOTE_TAG: describe(result)})
         with self._errors("log the run directory"):
             self._client.log_artifacts(mlflow_run_id, str(run_dir), RUN_ARTIFACTS)
 
@@ -405,7 +428,9 @@ class Tracker:
         experiment = self._client.get_experiment_by_name(name)
         if experiment is None:
             try:
-                return self._client.create_experiment(name, artifact_location=self.artifact_location)
+                return self._client.create_experiment(
+                    name, artifact_location=self.artifact_location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+                )
             except MlflowException as error:
                 if error.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
@@ -424,6 +449,8 @@ class Tracker:
                 f"MLflow's built-in experiment {name!r} would put artifacts in the working directory; "
                 "choose another experiment name"
             )
+        if EXPERIMENT_KIND_TAG not in experiment.tags:  # created by an older ctexp, or by hand: mark it once
+            self._client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return experiment.experiment_id
 
     def _check_server(self) -> None:
