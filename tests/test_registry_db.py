@@ -26,6 +26,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, inspect, text
 
+from ctexp.analysis.intervention import InterventionResult, ProblemAnswer, adjust, paired_row, summarize_control
 from ctexp.analysis.result import EpochMetrics, RunResult
 from ctexp.config import ExperimentConfig, build_config
 from ctexp.errors import RegistryError
@@ -45,8 +46,9 @@ from ctexp.registry.records import SweepRecord
 from tests.conftest import needs_postgres
 
 SMALL = {"world.problems": 120, "world.layers": 2, "world.hidden": 16, "train.epochs": 2}
-HEAD = "0003_results"
-CTEXP_TABLES = {"ctexp_sweeps", "ctexp_experiments", "ctexp_runs", "ctexp_epochs", "ctexp_results"}
+HEAD = "0004_interventions"
+CTEXP_TABLES = {"ctexp_sweeps", "ctexp_experiments", "ctexp_runs", "ctexp_epochs", "ctexp_results",
+                "ctexp_intervention_rows", "ctexp_intervention_answers"}
 OLD_RESULT_TABLES = {"layer": "ctexp_layer_results", "position": "ctexp_position_results", "cell": "ctexp_cell_results"}
 
 
@@ -155,7 +157,9 @@ def test_schema_from_empty_is_exactly_the_models(db_url: str) -> None:
             indexes = {index["name"] for table in CTEXP_TABLES for index in inspect(connection).get_indexes(table)}
             assert {"ix_ctexp_runs_status", "ix_ctexp_runs_experiment_id", "ix_ctexp_runs_started_at",
                     "ix_ctexp_runs_sweep_id_trial_number", "ix_ctexp_runs_mlflow_run_id",
-                    "ix_ctexp_results_layer_position_grouping_split", "ix_ctexp_results_position_grouping_split"} <= indexes
+                    "ix_ctexp_results_layer_position_grouping_split", "ix_ctexp_results_position_grouping_split",
+                    "ix_ctexp_runs_kind", "ix_ctexp_runs_source_run_id",
+                    "ix_ctexp_intervention_rows_mode_position"} <= indexes
     finally:
         engine.dispose()
 
@@ -458,10 +462,15 @@ def test_mark_stale_runs(db_url: str, registry: Registry, config: ExperimentConf
 
 def test_delete_cascades(db_url: str, registry: Registry, result: RunResult) -> None:
     kept, deleted = record(registry, result), record(registry, result)
+    kept_intervention = record_intervention(registry, kept.run_id).run_id
+    deleted_intervention = record_intervention(registry, deleted.run_id).run_id
     registry.delete_run(deleted.run_id)
+    registry.delete_run(deleted_intervention)
     for table in CTEXP_TABLES - {"ctexp_sweeps", "ctexp_experiments", "ctexp_runs"}:
-        assert sql(db_url, f"SELECT COUNT(*) FROM {table} WHERE run_id = :id", id=deleted.run_id) == [(0,)], table
-        assert sql(db_url, f"SELECT COUNT(*) FROM {table} WHERE run_id = :id", id=kept.run_id)[0][0] > 0, table
+        gone, there = (deleted_intervention, kept_intervention) if "intervention" in table else (
+            deleted.run_id, kept.run_id)
+        assert sql(db_url, f"SELECT COUNT(*) FROM {table} WHERE run_id = :id", id=gone) == [(0,)], table
+        assert sql(db_url, f"SELECT COUNT(*) FROM {table} WHERE run_id = :id", id=there)[0][0] > 0, table
     assert sql(db_url, "SELECT COUNT(*) FROM ctexp_experiments") == [(1,)]  # both runs share one experiment
     with pytest.raises(RegistryError, match="is not in the results database"):
         registry.delete_run(deleted.run_id)
@@ -645,12 +654,13 @@ def test_upgrade_from_0002_moves_every_result_row_into_one_table(
 ) -> None:
     # A database at revision 0002 holding what that revision's code wrote: two finished runs with rows in
     # the layer, position and cell tables, and a position without test states (n = 0, metrics NULL).
-    migrate(db_url, "0002_sweeps", down=False)
+    # (The runs' rows are written by today's code and moved down to 0002, which keeps them as they were.)
     runs = [result.model_copy(update={"run_id": new_id(), "name": name}) for name in ("a", "b")]
-    with Registry(db_url, upgrade=False, check_schema=False) as registry:
+    with Registry(db_url) as registry:
         for run in runs:
             start(registry, config, run.run_id, run.name)
             sql(db_url, "UPDATE ctexp_runs SET status = 'FINISHED' WHERE id = :id", id=run.run_id)
+    migrate(db_url, "0002_sweeps", down=True)
     metrics = metric_column_names()
     for run in runs:
         for grouping, table in OLD_RESULT_TABLES.items():
@@ -697,3 +707,120 @@ def insert_old(url: str, table: str, run_id: str, values: dict[str, Any]) -> Non
     columns = ", ".join(values)
     sql(url, f"INSERT INTO {table} (run_id, split, {columns}) VALUES (:run_id, 'test', "
              f"{', '.join(':' + name for name in values)})", run_id=run_id, **values)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Interventions (revision 0004)
+
+
+def answers(correct: list[bool], text: str = "") -> list[ProblemAnswer]:
+    return [ProblemAnswer(problem_id=f"problem-{i}", text=f"{text}#### {int(c)}", parsed=None if i == 3 else str(int(c)),
+                          correct=c) for i, c in enumerate(correct)]
+
+
+def intervention_result(lens_run: str, run_id: str | None = None) -> InterventionResult:
+    """Two rows (position 2 and all) with 2 lost answers, over 6 problems, one of which has no number."""
+    control = answers([True, True, True, False, True, False])
+    treated = answers([False, True, False, False, True, True], "x")
+    rows = [paired_row(control, treated, position=position, mode="zero", site="feedback", layer=None, seed=(0, index))
+            for index, position in enumerate([2, "all"])]
+    rows.append(paired_row(control[:0], treated[:0], position=3, mode="decoded", site="feedback", layer=None, seed=(0, 2)))
+    return InterventionResult(
+        run_id=run_id or new_id(), lens_run=lens_run, config={"run": lens_run, "site": "feedback", "seed": 0},
+        control=summarize_control(control), rows=adjust(rows),
+    )
+
+
+def record_intervention(registry: Registry, lens_run: str) -> InterventionResult:
+    result = intervention_result(lens_run)
+    registry.start_intervention(result.run_id, "zeroed", lens_run_id=lens_run, config=result.config, seed=0,
+                                device="cpu", code_version="test")
+    registry.finish_intervention(result, 1.5)
+    return result
+
+
+def test_an_intervention_round_trips_and_outlives_its_lens_run(db_url: str, registry: Registry, result: RunResult) -> None:
+    lens = record(registry, result, name="lens")
+    intervention = intervention_result(lens.run_id)
+    registry.start_intervention(intervention.run_id, "zeroed", lens_run_id=lens.run_id, config=intervention.config,
+                                seed=0, device="cpu", code_version="test")
+    running = registry.resolve(intervention.run_id)
+    assert (running.kind, running.status, running.source_run_id) == ("intervention", RunStatus.RUNNING, lens.run_id)
+    assert (running.lens, running.target, running.experiment) == (lens.config["lens"], lens.config["target"], "default")
+    with pytest.raises(RegistryError, match="only a finished one"):
+        registry.intervention(intervention.run_id)
+    registry.finish_intervention(intervention, 1.5)
+    registry.finish_intervention(intervention, 1.5)  # again: replaced, not doubled
+    assert registry.intervention(intervention.run_id) == intervention
+    assert sql(db_url, "SELECT count(*) FROM ctexp_intervention_answers") == [(6 + 6 + 6,)]  # control, p2, all
+    assert [r.id for r in registry.list_runs(kind="intervention")] == [intervention.run_id]
+    assert [r.id for r in registry.list_runs(kind="lens")] == [lens.run_id]
+    with pytest.raises(RegistryError, match="unknown run kind 'attention'"):
+        registry.list_runs(kind="attention")
+    with pytest.raises(RegistryError, match="is of kind lens, not an intervention"):
+        registry.intervention(lens.run_id)
+    with pytest.raises(RegistryError, match="is of kind intervention, not a lens run"):
+        registry.start_intervention(new_id(), "x", lens_run_id=intervention.run_id, config={}, seed=0, device="cpu",
+                                    code_version="test")
+
+    registry.delete_run(lens.run_id)  # the intervention stays, unlinked, and reads back the same
+    assert registry.resolve(intervention.run_id).source_run_id is None
+    assert registry.intervention(intervention.run_id) == intervention
+    registry.delete_run(intervention.run_id)  # its rows and answers go with it
+    for table in ("ctexp_intervention_rows", "ctexp_intervention_answers"):
+        assert sql(db_url, f"SELECT count(*) FROM {table}") == [(0,)]
+
+
+def test_a_failed_intervention_write_rolls_back(db_url: str, registry: Registry, result: RunResult) -> None:
+    lens = record(registry, result, name="lens")
+    intervention = intervention_result(lens.run_id)
+    registry.start_intervention(intervention.run_id, "zeroed", lens_run_id=lens.run_id, config=intervention.config,
+                                seed=0, device="cpu", code_version="test")
+    broken = intervention.model_copy(update={"control": intervention.control.model_copy(
+        update={"answers": intervention.control.answers * 2})})  # one problem twice: the primary key refuses it
+    with pytest.raises(RegistryError):
+        registry.finish_intervention(broken, 1.0)
+    assert registry.resolve(intervention.run_id).status is RunStatus.RUNNING
+    for table in ("ctexp_intervention_rows", "ctexp_intervention_answers"):
+        assert sql(db_url, f"SELECT count(*) FROM {table}") == [(0,)]
+
+
+def test_upgrade_from_0003_makes_every_run_a_lens_run_and_downgrade_drops_interventions(
+    db_url: str, result: RunResult, config: ExperimentConfig,
+) -> None:
+    with Registry(db_url) as registry:
+        kept = record(registry, result, name="kept")
+        pruned = start(registry, config, name="pruned")
+        registry.end_run(pruned, RunStatus.PRUNED, "pruned")
+        dropped = record_intervention(registry, kept.run_id)
+    migrate(db_url, "0003_results", down=True)  # a database of revision 0003, as that revision's code left it
+    assert sql(db_url, "SELECT name, status FROM ctexp_runs ORDER BY name") == [("kept", "FINISHED"),
+                                                                               ("pruned", "PRUNED")]
+    engine = create_engine(db_url)
+    try:
+        columns = {column["name"] for column in inspect(engine).get_columns("ctexp_runs")}
+        assert not {"kind", "source_run_id"} & columns and not {"ctexp_intervention_rows"} & set(
+            inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+    results = sql(db_url, "SELECT count(*) FROM ctexp_results WHERE run_id = :id", id=kept.run_id)
+
+    with Registry(db_url) as registry:  # upgrades to head: every row survives the table copy, as a lens run
+        assert registry.current_revision() == HEAD
+        assert {(r.name, r.kind, r.source_run_id) for r in registry.list_runs()} == {("kept", "lens", None),
+                                                                                   ("pruned", "lens", None)}
+        assert registry.resolve(kept.run_id).test_top1 == kept.overall.top1
+        assert sql(db_url, "SELECT count(*) FROM ctexp_results WHERE run_id = :id", id=kept.run_id) == results
+        again = record_intervention(registry, kept.run_id)
+        assert registry.intervention(again.run_id) == again
+        with pytest.raises(RegistryError):
+            registry.intervention(dropped.run_id)
+    with pytest.raises(Exception, match="(?i)check"):
+        sql(db_url, "UPDATE ctexp_runs SET kind = 'bogus' WHERE id = :id", id=kept.run_id)
+    engine = create_engine(db_url)
+    try:
+        keys = {key["name"]: key for key in inspect(engine).get_foreign_keys("ctexp_runs")}
+    finally:
+        engine.dispose()
+    source = keys["fk_ctexp_runs_source_run_id_ctexp_runs"]
+    assert (source["referred_table"], source["options"].get("ondelete")) == ("ctexp_runs", "SET NULL")

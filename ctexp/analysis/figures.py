@@ -1,4 +1,5 @@
-"""Figures of a run: the layer x position grid, the per-position profile and the training curves.
+"""Figures of a run: the layer x position grid, the per-position profile and the training curves; and
+of an intervention: answer accuracy by replaced position.
 
 Figures are built on ``matplotlib.figure.Figure`` directly, never through ``pyplot``: pyplot keeps
 a global registry of open figures and a global backend, which a library called from sweeps and
@@ -17,12 +18,16 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from ctexp.analysis.intervention import InterventionResult, InterventionRow
 from ctexp.analysis.result import GroupMetrics, RunResult
+from ctexp.analysis.statistics import wilson
 
 DPI = 100
 HEATMAP_FILE = "layer_position_top1.png"
 POSITIONS_FILE = "position_top1.png"
 CURVES_FILE = "training_curves.png"
+INTERVENTION_FILE = "intervention_accuracy.png"
+MODE_SPREAD = 0.08  # horizontal offset between modes at one position, so that their bars do not overlap
 # The heatmap's colorbar, in inches, in the figure's right margin: a gap, the bar, and ~0.8 in for its
 # tick labels and label.
 COLORBAR_GAP_IN, COLORBAR_WIDTH_IN, COLORBAR_MARGIN_IN = 0.12, 0.18, 1.1
@@ -158,6 +163,71 @@ def save_figures(result: RunResult, directory: Path) -> list[Path]:
         build(result).savefig(path, dpi=DPI, format="png", pil_kwargs={"compress_level": 1})
         written.append(path)
     return written
+
+
+def intervention_accuracy(result: InterventionResult) -> Figure:
+    """Answer accuracy by replaced position, one line per mode, with the control as a horizontal band.
+
+    Each point's bar is the row's 95% paired bootstrap interval of the change, drawn around its
+    accuracy (``accuracy - delta + ci``): a bar that misses the control's accuracy on the row's problems
+    marks a change the data support. The band is the control's accuracy over all the command's
+    problems with its 95% Wilson interval. Position ``all`` replaces every position at once.
+
+    Args:
+        result: a finished intervention.
+
+    Returns:
+        The figure; rows without problems are left out.
+    """
+    positions = sorted({row.position for row in result.rows if row.position != "all"})  # type: ignore[type-var]
+    slots: list[int | str] = [*positions, *(["all"] if any(row.position == "all" for row in result.rows) else [])]
+    modes = list(dict.fromkeys(row.mode for row in result.rows))
+    figure = Figure(figsize=(max(6.5, 3.5 + 0.8 * len(slots)), 3.8))  # 1.7 in of it for the legend
+    axes = figure.add_subplot()
+    control = result.control
+    band = wilson(round(control.accuracy * control.n), control.n)
+    if band is not None:
+        axes.axhspan(*band, color="grey", alpha=0.25, linewidth=0,
+                     label=f"control {100 * control.accuracy:.1f}% (95% CI)")
+        axes.axhline(control.accuracy, color="grey", linewidth=1)
+    for number, mode in enumerate(modes):
+        rows = [row for row in result.rows if row.mode == mode and row.accuracy is not None]
+        offset = (number - (len(modes) - 1) / 2) * MODE_SPREAD
+        xs = [slots.index(row.position) + offset for row in rows]
+        axes.errorbar(xs, [row.accuracy for row in rows], yerr=_interval_bars(rows), marker="o", capsize=3,
+                      linewidth=1.2, markersize=4, label=mode)
+    axes.set_xticks(range(len(slots)), [str(slot) for slot in slots])
+    axes.set_xlim(-0.5, len(slots) - 0.5)
+    axes.set_ylim(0.0, 1.02)
+    axes.set_xlabel("replaced position")
+    axes.set_ylabel("answer accuracy")
+    config = result.config
+    where = f"{config.get('site', '?')}" + (f" layer {config['layer']}" if config.get("layer") is not None else "")
+    axes.set_title(f"Answer accuracy with a thought replaced ({where})", fontsize=10)
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    _margins(figure, right=1.7)
+    return figure
+
+
+def save_intervention_figure(result: InterventionResult, directory: Path) -> Path:
+    """Write ``intervention_accuracy.png`` of an intervention into ``directory`` (created if missing)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / INTERVENTION_FILE
+    intervention_accuracy(result).savefig(path, dpi=DPI, format="png", pil_kwargs={"compress_level": 1})
+    return path
+
+
+def _interval_bars(rows: list[InterventionRow]) -> list[list[float]]:
+    """[below, above] distances from each row's accuracy to its paired interval, moved onto the accuracy."""
+    below, above = [], []
+    for row in rows:
+        if row.ci is None or row.delta is None:
+            below.append(0.0)
+            above.append(0.0)
+        else:
+            below.append(max(row.delta - row.ci[0], 0.0))
+            above.append(max(row.ci[1] - row.delta, 0.0))
+    return [below, above]
 
 
 def _margins(

@@ -18,6 +18,10 @@ at each of the row's positions (``target`` and ``decoded`` lack a token where a 
 * ``p_holm``: Holm's step-down adjustment across all rows of the command; ``significant``:
   ``p_holm <= alpha`` and the interval excludes 0.
 
+Two interventions compare row by row (``compare_interventions``): for each (position, mode) row both
+have, and for their controls, accuracy of each on the problems both answered, the difference with a
+paired bootstrap interval, an exact McNemar test on correctness and Holm across the rows.
+
 What it cannot show: a drop in accuracy says the replaced thought carried something the answer
 needed (or that the replacement pushed the model off its distribution: compare with ``mean``,
 ``zero`` and ``noise`` rows); no drop does not say the thought is unused, since later thoughts and
@@ -36,6 +40,14 @@ from ctexp.records import Record
 
 ALPHA = 0.05
 RESAMPLES = 2000
+CONTROL_KEY = "control"  # the control's key among row keys (``p3/decoded``, ``pall/zero``)
+
+Position = int | Literal["all"]
+
+
+def row_key(position: Position, mode: str) -> str:
+    """A row's key, as the registry and MLflow name it: ``p3/decoded``, ``pall/zero``."""
+    return f"p{position}/{mode}"
 
 
 class ProblemAnswer(Record):
@@ -60,10 +72,17 @@ class ControlSummary(Record):
     answers: list[ProblemAnswer]
 
 
+class Flip(Record):
+    """A problem whose correctness a replacement changed: the control's answer and the replaced one."""
+
+    control: ProblemAnswer
+    replaced: ProblemAnswer
+
+
 class InterventionRow(Record):
     """One (position, mode) replacement compared with the control on the same problems."""
 
-    position: int | Literal["all"]
+    position: Position
     mode: str
     site: str
     layer: int | None
@@ -80,6 +99,11 @@ class InterventionRow(Record):
     significant: bool = False
     answers: list[ProblemAnswer]
 
+    @property
+    def key(self) -> str:
+        """``p3/decoded``, ``pall/zero``: see ``row_key``."""
+        return row_key(self.position, self.mode)
+
 
 class InterventionResult(Record):
     """Everything ``ctexp intervene`` computed."""
@@ -94,6 +118,26 @@ class InterventionResult(Record):
         """A JSON-ready dict; the per-problem answers of the control and every row only where asked."""
         drop: Any = None if answers else {"control": {"answers"}, "rows": {"__all__": {"answers"}}}
         return self.model_dump(mode="json", exclude=drop)
+
+    def row(self, position: Position, mode: str) -> InterventionRow:
+        """The row of ``(position, mode)``.
+
+        Raises:
+            KeyError: the intervention has no such row.
+        """
+        for row in self.rows:
+            if row.position == position and row.mode == mode:
+                return row
+        raise KeyError(row_key(position, mode))
+
+    def flips(self, row: InterventionRow) -> list[Flip]:
+        """The problems of ``row`` whose answer is right in the control and wrong there, or the reverse."""
+        control = {answer.problem_id: answer for answer in self.control.answers}
+        return [
+            Flip(control=control[answer.problem_id], replaced=answer)
+            for answer in row.answers
+            if answer.problem_id in control and control[answer.problem_id].correct != answer.correct
+        ]
 
 
 def summarize_control(answers: Sequence[ProblemAnswer]) -> ControlSummary:
@@ -174,3 +218,128 @@ def adjust(rows: list[InterventionRow], alpha: float = ALPHA) -> list[Interventi
 
 def _excludes_zero(ci: tuple[float, float] | None) -> bool:
     return ci is not None and (ci[0] > 0 or ci[1] < 0)
+
+
+# --- two interventions, row by row ---------------------------------------------------------------
+
+
+class InterventionDelta(Record):
+    """One row both interventions have (or their controls: ``mode`` ``control``, ``position`` None), paired
+    over the problems both answered; ``delta = other_accuracy - reference_accuracy``."""
+
+    position: Position | None
+    mode: str
+    n: int
+    reference_accuracy: float | None
+    other_accuracy: float | None
+    delta: float | None
+    ci: tuple[float, float] | None
+    lost: int  # right in the reference, wrong in the other
+    gained: int
+    p_value: float
+    p_holm: float | None = None
+    significant: bool = False
+
+
+class ConfigChange(Record):
+    """A setting of the two interventions that differs."""
+
+    key: str
+    reference: Any
+    other: Any
+
+
+class InterventionComparison(Record):
+    """Two interventions compared row by row (``compare_interventions``)."""
+
+    reference: str  # run ids
+    other: str
+    reference_lens_run: str
+    other_lens_run: str
+    alpha: float
+    resamples: int
+    seed: int
+    note: str | None
+    config: list[ConfigChange]
+    rows: list[InterventionDelta]
+
+
+IGNORED_CONFIG = frozenset({"name", "device", "batch_size"})  # settings that do not change the answers
+
+
+def compare_interventions(
+    reference: InterventionResult,
+    other: InterventionResult,
+    *,
+    resamples: int = RESAMPLES,
+    seed: int = 0,
+    alpha: float = ALPHA,
+) -> InterventionComparison:
+    """Compare two interventions: their controls, then every (position, mode) row both have.
+
+    Each row pairs the two interventions' answers on the problems both rows hold (by problem id),
+    and gets an exact McNemar test on correctness, a paired bootstrap interval of the difference
+    (problems resampled, seeded by ``seed`` and the row's index) and Holm's adjustment across the rows.
+
+    Args:
+        reference: The first intervention; deltas are other minus reference.
+        other: The second.
+        resamples: Bootstrap resamples.
+        seed: Seed of the bootstrap.
+        alpha: Level of the intervals (``1 - alpha``) and of significance.
+    """
+    pairs: list[tuple[Position | None, str, list[ProblemAnswer], list[ProblemAnswer]]] = [
+        (None, CONTROL_KEY, reference.control.answers, other.control.answers)
+    ]
+    theirs = {row.key: row for row in other.rows}
+    pairs += [(row.position, row.mode, row.answers, theirs[row.key].answers) for row in reference.rows if row.key in theirs]
+    rows = [_delta_row(position, mode, mine, yours, (seed, index), resamples, alpha)
+            for index, (position, mode, mine, yours) in enumerate(pairs)]
+    adjusted = holm([row.p_value for row in rows])
+    rows = [row.model_copy(update={"p_holm": p, "significant": p is not None and p <= alpha and _excludes_zero(row.ci)})
+            for row, p in zip(rows, adjusted, strict=True)]
+    return InterventionComparison(
+        reference=reference.run_id, other=other.run_id, reference_lens_run=reference.lens_run,
+        other_lens_run=other.lens_run, alpha=alpha, resamples=resamples, seed=seed,
+        note=_pairing_note(reference, other), config=_config_changes(reference.config, other.config),
+        rows=rows,
+    )
+
+
+def _delta_row(
+    position: Position | None, mode: str, reference: list[ProblemAnswer], other: list[ProblemAnswer],
+    seed: tuple[int, int], resamples: int, alpha: float,
+) -> InterventionDelta:
+    theirs = {answer.problem_id: answer for answer in other}
+    shared = [(mine, theirs[mine.problem_id]) for mine in reference if mine.problem_id in theirs]
+    before = np.array([mine.correct for mine, _ in shared], dtype=bool)
+    after = np.array([yours.correct for _, yours in shared], dtype=bool)
+    lost, gained = int((before & ~after).sum()), int((~before & after).sum())
+    values: dict[str, Any] = {"position": position, "mode": mode, "n": len(shared), "lost": lost, "gained": gained,
+                              "p_value": mcnemar_p(lost, gained)}
+    if not shared:
+        return InterventionDelta(**values, reference_accuracy=None, other_accuracy=None, delta=None, ci=None)
+    return InterventionDelta(
+        **values, reference_accuracy=float(before.mean()), other_accuracy=float(after.mean()),
+        delta=float(after.mean() - before.mean()),
+        ci=paired_bootstrap(before, after, np.random.default_rng(list(seed)), resamples, alpha),
+    )
+
+
+def _pairing_note(reference: InterventionResult, other: InterventionResult) -> str | None:
+    notes = []
+    mine = {answer.problem_id for answer in reference.control.answers}
+    yours = {answer.problem_id for answer in other.control.answers}
+    if mine != yours:
+        notes.append(f"the interventions share {len(mine & yours)} of {len(mine)} and {len(yours)} problems; "
+                     "rows are paired over the shared ones")
+    missing = len({row.key for row in reference.rows} ^ {row.key for row in other.rows})
+    if missing:
+        notes.append(f"{missing} rows are in one intervention only and left out")
+    return "; ".join(notes) or None
+
+
+def _config_changes(reference: dict[str, Any], other: dict[str, Any]) -> list[ConfigChange]:
+    keys = [key for key in dict.fromkeys([*reference, *other]) if key not in IGNORED_CONFIG]
+    return [ConfigChange(key=key, reference=reference.get(key), other=other.get(key))
+            for key in keys if reference.get(key) != other.get(key)]

@@ -1,4 +1,5 @@
-"""A Markdown report of one run, in the shape of the reference write-up, from loaded, typed inputs.
+"""A Markdown report of one run, in the shape of the reference write-up, from loaded, typed inputs; and
+of one intervention (``render_intervention_report``): its rows, its figure and what the numbers mean.
 
 The caller reads them (``ctexp report`` from the results database: the run's row, its epochs and its
 results of every grouping; samples from the run's ``result.json`` where it is still on disk).
@@ -8,12 +9,14 @@ their intervals overlap, the best layer by top-1 and by top-10, the lift over bo
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, Protocol
 
 from ctexp.analysis.groupings import BREAKDOWNS, Grouping
+from ctexp.analysis.intervention import InterventionResult, InterventionRow
 from ctexp.analysis.result import EpochMetrics, GroupMetrics, Sample
 
 
@@ -267,3 +270,125 @@ def render_report(
     if figures:
         lines += ["## Figures", "", *(f"![{name}]({name})" for name in figures), ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+# --- interventions ----------------------------------------------------------------------------------
+
+OFF_DISTRIBUTION = ("mean", "zero", "noise")  # controls for "the replacement is just off the model's states"
+
+MEANING = [
+    ("- **Accuracy**: the share of the row's problems answered correctly with the thought replaced; **Control**:"
+    " CODI unmodified on the same problems (a `decoded` or `target` row leaves out problems with no token at"
+    " its positions)."),
+    "- **Δ**: accuracy minus control, in points, with a 95% paired bootstrap interval over problems.",
+    ("- **Changed**: the share of answers whose number (or text) differs from the control's, right or wrong;"
+    " **Lost/gained**: problems the control got right and the row wrong, and the reverse."),
+    ("- **p**: exact McNemar test on lost against gained; **p (Holm)**: adjusted across every row of the"
+    " intervention; **Significant**: p (Holm) <= 0.05 and the interval excludes 0."),
+    ("- A drop says the replaced thought carried something the answer needed, or that the replacement pushed"
+    " the model off the states it was trained on: read `decoded` and `target` rows against `mean`, `zero` and"
+    " `noise` at the same position. No drop does not mean the thought is unused: later thoughts and the"
+    " attention cache can carry the same information. `none` replays the control and must change nothing."),
+]
+
+
+def intervention_rows_section(result: InterventionResult) -> list[str]:
+    """The rows of an intervention as a Markdown table."""
+    header = ["Mode", "Position", "Problems", "Accuracy", "Control", "Δ (points)", "95% CI", "Changed",
+              "Lost/gained", "p", "p (Holm)", "Significant"]
+    body = [
+        [row.mode, str(row.position), str(row.n), _pct(row.accuracy), _pct(row.control_accuracy),
+         "-" if row.delta is None else f"{100 * row.delta:+.2f}",
+         "-" if row.ci is None else f"[{100 * row.ci[0]:+.1f}, {100 * row.ci[1]:+.1f}]", _pct(row.changed),
+         f"{row.lost}/{row.gained}", f"{row.p_value:.3g}", "-" if row.p_holm is None else f"{row.p_holm:.3g}",
+         "yes" if row.significant else ""]
+        for row in result.rows
+    ]
+    return _table(header, body)
+
+
+def intervention_observations(result: InterventionResult) -> list[str]:
+    """Findings computed from an intervention's rows, each with the numbers behind it."""
+    rows = [row for row in result.rows if row.delta is not None]
+    notes = []
+    significant = [row for row in rows if row.significant]
+    notes.append(f"{len(significant)} of {len(result.rows)} rows change accuracy significantly"
+                 + (f": {', '.join(f'{row.mode} at {row.position}' for row in significant)}." if significant else "."))
+    if rows:
+        worst = min(rows, key=lambda row: row.delta)  # type: ignore[arg-type, return-value]
+        notes.append(f"The largest drop is {worst.mode} at position {worst.position}: {_points(worst)} "
+                     f"({_pct(worst.control_accuracy)} to {_pct(worst.accuracy)} on {worst.n} problems).")
+    for row in rows:
+        if row.mode in ("decoded", "target"):
+            baselines = [other for other in rows if other.position == row.position and other.mode in OFF_DISTRIBUTION]
+            if baselines:
+                against = ", ".join(f"{other.mode} {_points(other)}" for other in baselines)
+                notes.append(f"At position {row.position}, {row.mode} changes accuracy by {_points(row)} against "
+                             f"{against}.")
+    replays = [row for row in result.rows if row.mode == "none"]
+    if replays:
+        moved = sum(row.lost + row.gained for row in replays)
+        notes.append("The `none` rows replay the control exactly." if moved == 0 else
+                     f"The `none` rows moved {moved} answers: the replay is not exact (bf16 rounding?).")
+    return [f"- {note}" for note in notes]
+
+
+def render_intervention_report(run: ReportedRun, result: InterventionResult, figures: Sequence[str] = ()) -> str:
+    """The Markdown report of an intervention.
+
+    Args:
+        run: the intervention's registry record (its lens columns are those of its lens run).
+        result: its rows and control.
+        figures: file names of figures beside the report.
+    """
+    config, control = result.config, result.control
+    site = f"{config.get('site')}" + (f" layer {config['layer']}" if config.get("layer") is not None else "")
+    lines = [
+        f"# Intervention: {run.name}",
+        "",
+        f"**Run**: `{run.id}`  ",
+        f"**Lens run**: `{result.lens_run}` ({run.lens} lens, target `{run.target}`, split `{run.split}`)  ",
+        f"**Experiment**: {run.experiment}  ",
+        f"**Date**: {run.started_at:%Y-%m-%d %H:%M} UTC  ",
+        f"**Status**: {run.status.value}  ",
+        f"**Store**: {run.store_path or '-'} (hash `{run.store_hash}`)  ",
+        f"**Code**: `{run.code_version}`",
+        "",
+        "## Summary",
+        "",
+        (f"CODI's continuous thoughts were replaced at the {site} site, one position at a time and all at once, "
+         f"by {', '.join(f'`{mode}`' for mode in dict.fromkeys(row.mode for row in result.rows))}. Unmodified (the "
+         f"control) it answers {_pct(control.accuracy)} of {control.n} problems correctly."),
+        "",
+        "## Configuration",
+        "",
+        "```yaml",
+        *(f"{key}: {json_value}" for key, json_value in _config_lines(config)),
+        "```",
+        "",
+        "## Results",
+        "",
+        *intervention_rows_section(result),
+        "",
+        "### Observations",
+        "",
+        *intervention_observations(result),
+        "",
+        "### What the numbers mean",
+        "",
+        *MEANING,
+        "",
+    ]
+    if figures:
+        lines += ["## Figures", "", *(f"![{name}]({name})" for name in figures), ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _points(row: InterventionRow) -> str:
+    interval = "" if row.ci is None else f" [{100 * row.ci[0]:+.1f}, {100 * row.ci[1]:+.1f}]"
+    return "-" if row.delta is None else f"{100 * row.delta:+.1f} points{interval}"
+
+
+def _config_lines(config: Mapping[str, Any]) -> list[tuple[str, str]]:
+    return [(key, value if isinstance(value, str) else json.dumps(value)) for key, value in config.items()
+            if key not in ("name",)]

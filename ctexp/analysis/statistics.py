@@ -101,3 +101,17 @@ def percentiles(samples: np.ndarray, low: float, high: float) -> tuple[np.ndarra
 def excludes_zero(low: float | None, high: float | None) -> bool:
     """Whether an interval lies wholly on one side of 0."""
     return low is not None and high is not None and (low > 0 or high < 0)
+
+
+def wilson(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float] | None:
+    """Wilson score interval of a proportion (95% by default); None when ``n`` is 0.
+
+    Unlike the normal approximation it stays inside [0, 1] and is not empty at 0 or n successes.
+    """
+    if n <= 0:
+        return None
+    p = successes / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)

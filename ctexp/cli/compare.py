@@ -1,4 +1,5 @@
-"""``ctexp compare``: what changed between runs, and whether each per-layer and per-position delta is real.
+"""``ctexp compare``: what changed between runs, and whether each per-layer and per-position delta is real;
+for interventions, whether each row's answer accuracy differs (``compare_interventions``).
 
 Thin: checks the options, loads the runs (``registry.readback.load_compared_runs``), calls
 ``analysis.compare.compare_runs`` and prints the result as rich tables,
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -22,7 +24,8 @@ from ctexp.analysis.comparison import Comparison, DeltaRow, PairComparison
 from ctexp.analysis.groupings import AXES, GROUPINGS, Grouping
 from ctexp.errors import ConfigError
 from ctexp.registry.locations import Locations
-from ctexp.registry.readback import load_compared_runs
+from ctexp.registry.models import RunKind
+from ctexp.registry.readback import load_compared_runs, load_interventions, resolve_runs
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -68,7 +71,13 @@ def compare(
     if plot is not None and not plot.resolve().parent.is_dir():
         raise ConfigError(f"--plot: the directory {plot.resolve().parent} does not exist")
     check_options(len(runs), metric, resamples, ALPHA)  # before any run is read
-    loaded = load_compared_runs(Locations.resolve(home, db_url, tracking_uri), runs)
+    locations = Locations.resolve(home, db_url, tracking_uri)
+    records = resolve_runs(locations, runs)
+    if any(record.kind is not RunKind.LENS for record in records):
+        _check_one_kind(records)
+        _compare_interventions(locations, runs, output_format, plot, resamples, seed)
+        return
+    loaded = load_compared_runs(locations, runs)
     result = compare_runs(
         loaded, metric=metric, include_unchanged=include_unchanged, resamples=resamples, seed=seed, alpha=ALPHA,
     )
@@ -87,6 +96,47 @@ def compare(
                 console.print(item)
     if plot is not None and output_format == "table":
         typer.echo(f"wrote {plot}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Interventions
+
+
+def _check_one_kind(records: list[Any]) -> None:
+    kinds = {record.kind for record in records}
+    if len(kinds) > 1:
+        lens = next(record for record in records if record.kind is RunKind.LENS)
+        other = next(record for record in records if record.kind is not RunKind.LENS)
+        raise ConfigError(
+            f"cannot compare a lens run with an intervention: {lens.id[:12]} ({lens.name}) is a lens run and "
+            f"{other.id[:12]} ({other.name}) an {other.kind.value}; compare runs of one kind"
+        )
+
+
+def _compare_interventions(
+    locations: Locations, runs: list[str], output_format: str, plot: Path | None, resamples: int, seed: int
+) -> None:
+    """Each intervention after the first against it, row by row; as tables or JSON."""
+    from ctexp.analysis.intervention import compare_interventions
+    from ctexp.cli.render import intervention_comparison_table
+
+    if output_format not in ("table", "json"):
+        raise ConfigError(f"interventions compare as --format table or json, not {output_format}")
+    if plot is not None:
+        raise ConfigError("--plot draws lens runs' deltas; interventions have no plot (see ctexp report RUN)")
+    reference, *others = load_interventions(locations, runs)
+    comparisons = [compare_interventions(reference, other, resamples=resamples, seed=seed, alpha=ALPHA)
+                   for other in others]
+    if output_format == "json":
+        typer.echo(json.dumps({"comparisons": [c.model_dump(mode="json") for c in comparisons]}, indent=2))
+        return
+    console = Console(soft_wrap=False, width=200)
+    for comparison in comparisons:
+        for change in comparison.config:
+            console.print(f"config {change.key}: {_show(change.reference)} -> {_show(change.other)}")
+        if comparison.note:
+            console.print(f"note: {comparison.note}")
+        console.print(intervention_comparison_table(comparison))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -228,8 +278,6 @@ def grid(pair: PairComparison, grouping: Grouping) -> Table:
 def _show(value: Any) -> str:
     if isinstance(value, str):
         return value
-    import json
-
     return json.dumps(value)
 
 

@@ -1,7 +1,7 @@
-"""``ctexp intervene``: replace one continuous thought of a CODI model and print how its answers change.
+"""``ctexp intervene``: replace one continuous thought of a CODI model, record how its answers change, print it.
 
-Thin: parse, call ``ctexp.experiment.intervene``, print (a progress bar on stderr, tables or JSON on
-stdout). The intervention is not recorded in the registry yet.
+Thin: parse, plan (``ctexp.experiment.intervene``), run and record (``ctexp.experiment.intervene_record``),
+print (a progress bar on stderr, tables or JSON on stdout).
 """
 
 from __future__ import annotations
@@ -11,16 +11,18 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
 
 from ctexp.cli.app import print_json, stderr_console, stdout_console
-from ctexp.cli.options import DbOption, HomeOption
+from ctexp.cli.options import DbOption, HomeOption, TrackingOption
+from ctexp.cli.render import control_line, rows_table
 from ctexp.config import DeviceChoice
 from ctexp.data.sources.choices import Precision
 from ctexp.errors import ConfigError
 
 if TYPE_CHECKING:
-    from ctexp.analysis.intervention import InterventionResult, InterventionRow
+    from ctexp.analysis.intervention import InterventionResult
+    from ctexp.experiment.intervene import InterventionPlan
+    from ctexp.experiment.recorder import Recorder
 
 MODES_HELP = "Comma list of none, decoded, target, mean, zero, swap, noise (none: the control, replayed)."
 
@@ -51,15 +53,17 @@ def intervene(
     name: Annotated[str | None, typer.Option(help="A name for the intervention.")] = None,
     home: HomeOption = None,
     db_url: DbOption = None,
+    tracking_uri: TrackingOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
     answers: Annotated[bool, typer.Option("--answers", help="With --json: every row's per-problem answers.")] = False,
 ) -> None:
-    """Rerun a CODI model's thoughts and answer with one thought replaced, and compare the answers.
+    """Rerun a CODI model's thoughts and answer with one thought replaced, compare the answers, and record them.
 
     Example: ctexp intervene --run latest --model ckpt/codi --base models/Llama-3.2-1B --positions 0-4
     """
     from ctexp.experiment.intervene import make_intervene_config, parse_modes, plan_intervention
     from ctexp.experiment.pipeline import resolve_device
+    from ctexp.experiment.recorder import Recorder
     from ctexp.registry.locations import Locations
 
     if answers and not as_json:
@@ -70,7 +74,26 @@ def intervene(
         dtype=dtype, lora_r=lora_r, lora_alpha=lora_alpha, max_answer_tokens=max_answer_tokens, seed=seed,
         name=name,
     )
-    plan = plan_intervention(config, Locations.resolve(home, db_url), resolve_device(device))  # bad input fails here
+    locations = Locations.resolve(home, db_url, tracking_uri)
+    with Recorder(locations) as recorder:  # both stores checked before the model loads
+        plan = plan_intervention(config, locations, resolve_device(device))  # bad input fails here
+        result = _run(plan, recorder, as_json)
+    if as_json:
+        print_json(result.to_json(answers=answers))
+        return
+    console = stdout_console()
+    console.print(control_line(result))
+    console.print(rows_table(result))
+    console.print(
+        f"run {result.run_id} recorded in {locations.home} (ctexp show {result.run_id[:8]}, "
+        f"ctexp report {result.run_id[:8]})"
+    )
+
+
+def _run(plan: InterventionPlan, recorder: Recorder, as_json: bool) -> InterventionResult:
+    """Run and record the intervention under a progress bar on stderr."""
+    from ctexp.experiment.intervene_record import record_intervention
+
     with Progress(
         TextColumn("[bold]intervening"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[label]}"),
         TimeElapsedColumn(), TimeRemainingColumn(), console=stderr_console(), transient=as_json,
@@ -80,44 +103,14 @@ def intervene(
         def on_progress(event: Any) -> None:
             progress.update(task, total=event.total, completed=event.done, label=event.label)
 
-        result = plan.run(on_progress)
-    if as_json:
-        print_json(result.to_json(answers=answers))
-        return
-    console = stdout_console()
-    control = result.control
-    console.print(
-        f"control: {100 * control.accuracy:.2f}% of {control.n} problems correct "
-        f"(lens run {result.lens_run[:12]}, site {config.site.value}"
-        f"{f' layer {config.layer}' if config.layer is not None else ''})"
-    )
-    console.print(rows_table(result))
-
-
-def rows_table(result: InterventionResult) -> Table:
-    """One line per (mode, position): accuracy against the control on the same problems, and the tests."""
-    table = Table(title="Answers with one thought replaced (paired with the control on the same problems)")
-    for column in ("Mode", "Position", "Problems", "Accuracy", "Control", "Delta [95% CI]", "Changed",
-                   "Lost/gained", "p", "p (Holm)", "Significant"):
-        table.add_column(column, justify="left" if column == "Mode" else "right")
-    for row in result.rows:
-        table.add_row(
-            row.mode, str(row.position), str(row.n), _pct(row.accuracy), _pct(row.control_accuracy), _delta(row),
-            _pct(row.changed), f"{row.lost}/{row.gained}", f"{row.p_value:.3g}",
-            "-" if row.p_holm is None else f"{row.p_holm:.3g}", "yes" if row.significant else "",
-        )
-    return table
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}%"
-
-
-def _delta(row: InterventionRow) -> str:
-    if row.delta is None:
-        return "-"
-    interval = f" [{100 * row.ci[0]:+.1f}, {100 * row.ci[1]:+.1f}]" if row.ci is not None else ""
-    return f"{100 * row.delta:+.1f}{interval}"
+        try:
+            return record_intervention(plan, recorder, on_progress)
+        except BaseException:
+            # As `ctexp run`: a failed run's answer is its one error line, not a half-full bar above it.
+            progress.live.transient = True
+            progress.live.stop()
+            progress.disable = True
+            raise
 
 
 def register(app: typer.Typer) -> None:

@@ -1,6 +1,8 @@
 """Registry commands: ``runs``, ``show``, ``best``, ``report``, ``ui``, ``delete`` and ``db``.
 
 Thin: each command resolves the locations, calls the registry library and prints a table or JSON.
+``show`` and ``report`` of an intervention read its result (``Registry.intervention``) instead of a lens
+run's tables.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import sys
 import tempfile
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -32,7 +34,12 @@ from ctexp.cli.options import (
 )
 from ctexp.errors import ConfigError, RegistryError
 from ctexp.registry.locations import Locations
+from ctexp.registry.models import RunKind
 from ctexp.registry.queries import parse_since
+from ctexp.registry.records import RunRecord
+
+if TYPE_CHECKING:
+    from ctexp.analysis.intervention import InterventionResult
 
 # `ctexp best --by` choices, from the one definition of groupings (typer validates a StrEnum's values).
 ByChoice = StrEnum("ByChoice", [(name, name) for name in names(BREAKDOWNS)])
@@ -68,6 +75,7 @@ def runs(
     status: Annotated[str | None, typer.Option(help="RUNNING, FINISHED, FAILED, KILLED or PRUNED.")] = None,
     since: Annotated[str | None, typer.Option(help="Started since: 2026-11-30, 12h, 7d.")] = None,
     sweep: Annotated[int | None, typer.Option(help="Only trials of this sweep id.")] = None,
+    kind: Annotated[RunKind | None, typer.Option(help="Only runs of this kind: lens or intervention.")] = None,
     sort: Annotated[str, typer.Option(help="started_at or a headline metric (test_top1, test_loss, ...).")] = "started_at",
     ascending: Annotated[bool, typer.Option("--ascending", help="Sort ascending.")] = False,
     limit: Annotated[int, typer.Option(help="At most this many runs.")] = 50,
@@ -85,28 +93,36 @@ def runs(
         records = registry.list_runs(
             experiment=experiment, lens=lens, split=split, target=target,
             status=status.upper() if status else None, since=parse_since(since) if since else None,
-            sweep_id=sweep, sort=sort, descending=not ascending, limit=limit,
+            sweep_id=sweep, kind=kind, sort=sort, descending=not ascending, limit=limit,
         )
     if as_json:
         typer.echo(json.dumps([record.to_json() for record in records], indent=2))
         return
     table = Table(title=f"Runs ({len(records)})")
-    for column in ("Id", "Name", "Experiment", "Status", "Lens", "Split", "Target", "Test top-1 [95% CI]",
+    for column in ("Id", "Name", "Experiment", "Kind", "Status", "Lens", "Split", "Target", "Test top-1 [95% CI]",
                    "Prior", "Identity", "Sweep/trial", "Started (UTC)"):
         table.add_column(column)
     for r in records:
         interval = f" [{100 * r.test_top1_low:.1f}, {100 * r.test_top1_high:.1f}]" if r.test_top1_low is not None else ""
         trial = f"{r.sweep_id}/{r.trial_number}" if r.sweep_id is not None else "-"
         table.add_row(
-            r.id[:12], r.name, r.experiment, r.status.value, r.lens, r.split, r.target,
+            r.id[:12], r.name, r.experiment, r.kind.value, r.status.value, r.lens, r.split, r.target,
             _pct(r.test_top1) + interval, _pct(r.prior_top1), _pct(r.identity_top1), trial,
             f"{r.started_at:%Y-%m-%d %H:%M:%S}",
         )
     stdout_console().print(table)
 
 
-def show(run: RunArgument, home: HomeOption = None, db_url: DbOption = None, as_json: JsonOption = False) -> None:
-    """Print a run's configuration and its tables, from the results database.
+def show(
+    run: RunArgument,
+    home: HomeOption = None,
+    db_url: DbOption = None,
+    as_json: JsonOption = False,
+    answers: Annotated[bool, typer.Option(
+        "--answers", help="An intervention's answers: with --json every row's, else the problems a replacement flipped.",
+    )] = False,
+) -> None:
+    """Print a run's configuration and its tables (an intervention's control and rows), from the results database.
 
     Example: ctexp show latest
     """
@@ -114,6 +130,12 @@ def show(run: RunArgument, home: HomeOption = None, db_url: DbOption = None, as_
 
     with Locations.resolve(home, db_url).registry() as registry:
         record = registry.resolve(run)
+        if record.kind is RunKind.INTERVENTION:
+            result = registry.intervention(record.id) if record.status.value == "FINISHED" else None
+            _show_intervention(record, result, as_json=as_json, answers=answers)
+            return
+        if answers:
+            raise ConfigError(f"--answers is for intervention runs; run {record.id[:12]} is a {record.kind.value} run")
         epochs = registry.epochs(record.id)
         tables = registry.breakdowns(record.id)
     if as_json:
@@ -135,6 +157,26 @@ def show(run: RunArgument, home: HomeOption = None, db_url: DbOption = None, as_
         console.print(epochs_table(epochs, record.best_epoch, stopped))
     for table in grouping_tables(lambda name: [row.as_group_metrics() for row in tables.get(name, [])]):
         console.print(table)
+
+
+def _show_intervention(record: RunRecord, result: InterventionResult | None, *, as_json: bool, answers: bool) -> None:
+    """An intervention's record, then (finished) its control line and rows, or its JSON with ``run`` added."""
+    from ctexp.cli.render import control_line, flips_table, rows_table
+
+    if as_json:
+        typer.echo(json.dumps({"run": record.to_json(), **(result.to_json(answers=answers) if result else {})}, indent=2))
+        return
+    console = stdout_console()
+    console.print(f"intervention {record.id} ({record.name}) of lens run {(record.source_run_id or '(deleted)')[:12]} "
+                  f"in experiment {record.experiment}: {record.status.value}")
+    if record.error:
+        console.print(f"error: {record.error}")
+    if result is None:
+        return
+    console.print(control_line(result))
+    console.print(rows_table(result))
+    if answers:
+        console.print(flips_table(result))
 
 
 def best(
@@ -179,7 +221,8 @@ def report(
     db_url: DbOption = None,
     tracking_uri: TrackingOption = None,
 ) -> None:
-    """Write a Markdown report in the shape of the reference write-up, and log it to MLflow.
+    """Write a Markdown report in the shape of the reference write-up (of an intervention: its rows, figure and
+    what they mean), and log it to MLflow.
 
     Example: ctexp report latest --out report.md
     """
@@ -190,6 +233,9 @@ def report(
     locations = Locations.resolve(home, db_url, tracking_uri)
     with locations.registry() as registry:
         record = registry.resolve(run)
+        if record.kind is RunKind.INTERVENTION:
+            _report_intervention(locations, record, registry.intervention(record.id), out)
+            return
         epochs = registry.epochs(record.id)
         groups = {name: [row.as_group_metrics() for row in rows] for name, rows in registry.breakdowns(record.id).items()}
     if record.status.value != "FINISHED":
@@ -200,6 +246,21 @@ def report(
     target.parent.mkdir(parents=True, exist_ok=True)
     figures = save_figures(saved, target.parent) if saved is not None else []
     text = render_report(record, epochs, groups, saved.samples if saved else [], [figure.name for figure in figures])
+    _write_report(locations, record, target, text, figures)
+
+
+def _report_intervention(locations: Locations, record: RunRecord, result: InterventionResult, out: Path | None) -> None:
+    from ctexp.analysis.figures import save_intervention_figure
+    from ctexp.analysis.report import render_intervention_report
+
+    target = (out or locations.home / "runs" / record.id / "report.md").resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    figure = save_intervention_figure(result, target.parent)
+    _write_report(locations, record, target, render_intervention_report(record, result, [figure.name]), [figure])
+
+
+def _write_report(locations: Locations, record: RunRecord, target: Path, text: str, figures: list[Path]) -> None:
+    """Write the report under a temporary name and rename it into place; log it and its figures to MLflow."""
     with tempfile.NamedTemporaryFile("w", dir=target.parent, delete=False, suffix=".tmp", encoding="utf-8") as handle:
         handle.write(text)
     Path(handle.name).replace(target)

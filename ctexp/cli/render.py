@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 from rich.table import Table
 
 from ctexp.analysis.groupings import GROUPINGS, Grouping
+from ctexp.analysis.intervention import InterventionComparison, InterventionResult, InterventionRow
 from ctexp.analysis.result import EpochMetrics, GroupMetrics, RunResult
 from ctexp.data.align import AlignedProblem
 from ctexp.data.tokenizers import Tokenizer
@@ -147,4 +148,70 @@ def alignment_table(problems: list[AlignedProblem], tokenizer: Tokenizer) -> Tab
             source = f" (from {alignment.filled_from})" if alignment.filled_from is not None else ""
             cells.append(f"{tokens!r} -> {targets}{source}")
         table.add_row(problem.id, " ".join(problem.steps), *cells)
+    return table
+
+
+# --- interventions ----------------------------------------------------------------------------------
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _change(delta: float | None, ci: tuple[float, float] | None) -> str:
+    if delta is None:
+        return "-"
+    interval = f" [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" if ci is not None else ""
+    return f"{100 * delta:+.1f}{interval}"
+
+
+def control_line(result: InterventionResult) -> str:
+    """``control: 75.00% of 12 problems correct (lens run ..., site feedback)``."""
+    control, config = result.control, result.config
+    layer = f" layer {config['layer']}" if config.get("layer") is not None else ""
+    return (f"control: {100 * control.accuracy:.2f}% of {control.n} problems correct "
+            f"(lens run {result.lens_run[:12]}, site {config.get('site')}{layer})")
+
+
+def rows_table(result: InterventionResult) -> Table:
+    """One line per (mode, position): accuracy against the control on the same problems, and the tests."""
+    table = Table(title="Answers with one thought replaced (paired with the control on the same problems)")
+    for column in ("Mode", "Position", "Problems", "Accuracy", "Control", "Delta [95% CI]", "Changed",
+                   "Lost/gained", "p", "p (Holm)", "Significant"):
+        table.add_column(column, justify="left" if column == "Mode" else "right")
+    for row in result.rows:
+        table.add_row(
+            row.mode, str(row.position), str(row.n), _rate(row.accuracy), _rate(row.control_accuracy),
+            _change(row.delta, row.ci), _rate(row.changed), f"{row.lost}/{row.gained}", f"{row.p_value:.3g}",
+            "-" if row.p_holm is None else f"{row.p_holm:.3g}", "yes" if row.significant else "",
+        )
+    return table
+
+
+def flips_table(result: InterventionResult, rows: list[InterventionRow] | None = None) -> Table:
+    """The problems whose correctness a replacement flipped, row by row: the control's answer and the row's."""
+    table = Table(title="Answers a replacement flipped (right <-> wrong against the control)")
+    for column in ("Mode", "Position", "Problem", "Control answer", "Replaced answer", "Flip"):
+        table.add_column(column)
+    for row in result.rows if rows is None else rows:
+        for flip in result.flips(row):
+            table.add_row(row.mode, str(row.position), flip.control.problem_id, repr(flip.control.text),
+                          repr(flip.replaced.text), "lost" if flip.control.correct else "gained")
+    return table
+
+
+def intervention_comparison_table(comparison: InterventionComparison) -> Table:
+    """Two interventions row by row: each one's accuracy on the problems both answered, and the difference."""
+    title = (f"Intervention {comparison.other[:12]} vs reference {comparison.reference[:12]} "
+             "(paired over the problems both answered; delta = run - reference, in points)")
+    table = Table(title=title)
+    for column in ("Mode", "Position", "Problems", "Reference", "Run", "Delta [95% CI]", "Lost/gained", "p",
+                   "p (Holm)", "Significant"):
+        table.add_column(column, justify="left" if column == "Mode" else "right")
+    for row in comparison.rows:
+        table.add_row(
+            row.mode, "-" if row.position is None else str(row.position), str(row.n), _rate(row.reference_accuracy),
+            _rate(row.other_accuracy), _change(row.delta, row.ci), f"{row.lost}/{row.gained}", f"{row.p_value:.3g}",
+            "-" if row.p_holm is None else f"{row.p_holm:.3g}", "yes" if row.significant else "",
+        )
     return table

@@ -11,8 +11,8 @@ Two steps, so that bad input fails before any output:
   mode with every position replaced at once (position ``"all"``), and compares each with the
   control (:mod:`ctexp.analysis.intervention`).
 
-The model-level machinery (sites, modes, batching) is :mod:`ctexp.model.intervene`. The intervention
-is not recorded in the registry yet: the command prints its result.
+The model-level machinery (sites, modes, batching) is :mod:`ctexp.model.intervene`; recording an
+intervention in the registry and MLflow is :mod:`ctexp.experiment.intervene_record`.
 """
 
 from __future__ import annotations
@@ -156,8 +156,13 @@ class InterventionPlan:
         every: list[int | Literal["all"]] = [*self.positions, *(["all"] if len(self.positions) > 1 else [])]
         return [(position, mode) for mode in self.config.modes for position in every]
 
-    def run(self, progress: Callable[[InterveneProgress], None] | None = None) -> InterventionResult:
-        """Run the control and every row's pass, and compare each row with the control."""
+    def run(
+        self, progress: Callable[[InterveneProgress], None] | None = None, run_id: str | None = None
+    ) -> InterventionResult:
+        """Run the control and every row's pass, and compare each row with the control.
+
+        ``run_id`` names the result (default: a new random id), so that a recorded run can be started first.
+        """
         config, n = self.config, len(self.indices)
         rows = self.rows()
         done, total = 0, (1 + len(rows)) * n
@@ -189,9 +194,9 @@ class InterventionPlan:
                 seed=(config.seed, number), resamples=config.resamples, alpha=config.alpha,
             ))
         return InterventionResult(
-            run_id=uuid.uuid4().hex,
+            run_id=run_id or uuid.uuid4().hex,
             lens_run=self.lens_run.id,
-            config=self._resolved_config(),
+            config=self.resolved_config(),
             control=summarize_control(control_answers),
             rows=adjust(results, config.alpha),
         )
@@ -225,9 +230,11 @@ class InterventionPlan:
             ))
         return answers
 
-    def _resolved_config(self) -> dict[str, Any]:
+    def resolved_config(self) -> dict[str, Any]:
+        """The settings as run: the lens run's id for ``run``, the positions, lens layers, store and device."""
         return {
             **self.config.model_dump(mode="json"),
+            "run": self.lens_run.id,
             "positions": self.positions,
             "lens_layers": {str(p): layer for p, layer in self.lens_layers.items()} or None,
             "store": str(self.store.path) if self.store.path else None,
@@ -284,6 +291,8 @@ def plan_intervention(config: InterveneConfig, locations: Locations, device: tor
 def _lens_run(ref: str, locations: Locations) -> tuple[RunRecord, RunResult, Path]:
     with locations.registry() as registry:
         run = registry.resolve(ref)
+    if run.kind.value != "lens":
+        raise RegistryError(f"run {run.id[:12]} ({run.name}) is an {run.kind.value}; intervene needs a finished lens run")
     if run.status.value != "FINISHED":
         raise RegistryError(f"run {run.id[:12]} ({run.name}) is {run.status.value}; intervene needs a finished lens run")
     run_dir = locations.home / "runs" / run.id

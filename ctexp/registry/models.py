@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     DateTime,
     Dialect,
     Enum,
@@ -59,6 +60,18 @@ class RunStatus(StrEnum):
     PRUNED = "PRUNED"  # a sweep's pruner stopped it; its epochs are kept, it has no test results
 
 
+class RunKind(StrEnum):
+    """What a run is: a trained lens, or an intervention on a CODI model through a lens run's store.
+
+    Rows of ``ctexp_runs`` of every kind keep the lens columns (``lens``, ``split``, ``target``, ...): an
+    intervention copies them from the lens run it is of, so that queries written for lens runs keep
+    working. A new kind is a new value here and a batch ALTER of the CHECK by a migration.
+    """
+
+    LENS = "lens"
+    INTERVENTION = "intervention"
+
+
 class SweepStatus(StrEnum):
     """A sweep's life cycle, as the last command that worked on it left it."""
 
@@ -69,7 +82,7 @@ class SweepStatus(StrEnum):
 
 
 def _status_enum(kind: type[StrEnum], name: str) -> Enum:
-    # VARCHAR + CHECK rather than a native PostgreSQL enum: a later state is a batch ALTER, not a type change.
+    # VARCHAR + CHECK rather than a native PostgreSQL enum: a later value is a batch ALTER, not a type change.
     return Enum(kind, name=name, native_enum=False, create_constraint=True, length=16,
                 values_callable=lambda kinds: [k.value for k in kinds])
 
@@ -159,12 +172,17 @@ class Run(Base):
         Index("ix_ctexp_runs_name", "name"),
         Index("ix_ctexp_runs_mlflow_run_id", "mlflow_run_id"),
         Index("ix_ctexp_runs_sweep_id_trial_number", "sweep_id", "trial_number"),
+        Index("ix_ctexp_runs_kind", "kind"),
+        Index("ix_ctexp_runs_source_run_id", "source_run_id"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)  # ctexp's 32-hex run id
     name: Mapped[str]
     experiment_id: Mapped[int] = mapped_column(ForeignKey("ctexp_experiments.id"))
     status: Mapped[RunStatus] = mapped_column(_status_enum(RunStatus, "run_status"))
+    kind: Mapped[RunKind] = mapped_column(_status_enum(RunKind, "run_kind"), server_default=RunKind.LENS.value)
+    # The lens run an intervention is of; deleting that run keeps the intervention (its lens columns stay).
+    source_run_id: Mapped[str | None] = mapped_column(String(32), ForeignKey("ctexp_runs.id", ondelete="SET NULL"))
     started_at: Mapped[datetime]
     ended_at: Mapped[datetime | None]
     heartbeat_at: Mapped[datetime]
@@ -289,3 +307,59 @@ class Result(Base, GroupMetricsColumns):
     group_key: Mapped[str] = mapped_column(String(128))
     layer: Mapped[int | None]
     position: Mapped[int | None]
+
+
+CONTROL_ROW = "control"  # the row key of the control's answers in ctexp_intervention_answers
+
+
+class InterventionRowResult(Base):
+    """One row of an intervention: a (position, mode) replacement against the control on the same problems.
+
+    ``row_key`` is ``p{position}/{mode}`` (``pall/{mode}`` for every position at once, where ``position``
+    is NULL); ``ordinal`` is the row's place in the command's output. The statistics are those of
+    ``ctexp.analysis.intervention.InterventionRow``; ``ci_low``/``ci_high`` bound ``delta``.
+    """
+
+    __tablename__ = "ctexp_intervention_rows"
+    __table_args__ = (
+        PrimaryKeyConstraint("run_id", "row_key"),
+        Index("ix_ctexp_intervention_rows_mode_position", "mode", "position"),
+    )
+
+    run_id: Mapped[str] = mapped_column(String(32), ForeignKey("ctexp_runs.id", ondelete="CASCADE"))
+    row_key: Mapped[str] = mapped_column(String(64))
+    ordinal: Mapped[int]
+    position: Mapped[int | None]
+    mode: Mapped[str] = mapped_column(String(16))
+    site: Mapped[str] = mapped_column(String(16))
+    layer: Mapped[int | None]
+    n: Mapped[int]
+    accuracy: Mapped[float | None]
+    control_accuracy: Mapped[float | None]
+    delta: Mapped[float | None]
+    ci_low: Mapped[float | None]
+    ci_high: Mapped[float | None]
+    changed: Mapped[float | None]
+    lost: Mapped[int]
+    gained: Mapped[int]
+    p_value: Mapped[float]
+    p_holm: Mapped[float | None]
+    significant: Mapped[bool] = mapped_column(Boolean())
+
+
+class InterventionAnswer(Base):
+    """One problem's decoded answer in one row of an intervention (``row_key`` ``control`` for the control).
+
+    ``ordinal`` is the answer's place in its row (the command's problem order).
+    """
+
+    __tablename__ = "ctexp_intervention_answers"
+    __table_args__ = (PrimaryKeyConstraint("run_id", "row_key", "problem_id"),)
+
+    run_id: Mapped[str] = mapped_column(String(32), ForeignKey("ctexp_runs.id", ondelete="CASCADE"))
+    row_key: Mapped[str] = mapped_column(String(64))
+    problem_id: Mapped[str]
+    ordinal: Mapped[int]
+    text: Mapped[str]
+    parsed: Mapped[str | None]
+    correct: Mapped[bool] = mapped_column(Boolean())

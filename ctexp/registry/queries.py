@@ -1,8 +1,10 @@
-"""The registry's reads: runs by reference or filter, epochs, results, and the best run per group."""
+"""The registry's reads: runs by reference or filter, epochs, results, the best run per group, and an
+intervention's result."""
 
 from __future__ import annotations
 
 import re
+from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -10,6 +12,13 @@ from sqlalchemy import Row, Select, and_, func, select
 from sqlalchemy.orm import Session
 
 from ctexp.analysis.groupings import BREAKDOWNS, Grouping, grouping, names
+from ctexp.analysis.intervention import (
+    CONTROL_KEY,
+    InterventionResult,
+    InterventionRow,
+    ProblemAnswer,
+    summarize_control,
+)
 from ctexp.analysis.result import EpochMetrics
 from ctexp.errors import ConfigError, RegistryError
 from ctexp.registry.database import Database, require_run
@@ -20,8 +29,11 @@ from ctexp.registry.models import (
     TEST_SPLIT,
     Epoch,
     Experiment,
+    InterventionAnswer,
+    InterventionRowResult,
     Result,
     Run,
+    RunKind,
     RunStatus,
 )
 from ctexp.registry.records import BestRow, ResultRow, RunRecord
@@ -75,6 +87,7 @@ class RunQueries(Database):
         status: str | None = None,
         since: datetime | None = None,
         sweep_id: int | None = None,
+        kind: str | None = None,
         sort: str = "started_at",
         descending: bool = True,
         limit: int | None = None,
@@ -82,10 +95,11 @@ class RunQueries(Database):
         """Runs matching every filter given, sorted by ``started_at`` or a headline metric (missing last).
 
         ``split`` is the split rule as written (``uniform``, ``weighted:...``); ``since`` without a
-        timezone is taken as UTC.
+        timezone is taken as UTC; ``kind`` is ``lens`` or ``intervention`` (an intervention matches the
+        lens filters by the lens run it is of).
 
         Raises:
-            RegistryError: an unknown ``sort`` or ``status`` (the choices are listed).
+            RegistryError: an unknown ``sort``, ``status`` or ``kind`` (the choices are listed).
         """
         if sort not in RUN_SORTS:
             raise RegistryError(f"cannot sort runs by {sort!r}; choose one of: {', '.join(RUN_SORTS)}")
@@ -96,6 +110,8 @@ class RunQueries(Database):
             query = query.where(Run.started_at >= _as_utc(since))
         if sweep_id is not None:
             query = query.where(Run.sweep_id == sweep_id)
+        if kind is not None:
+            query = query.where(Run.kind == _kind(kind))
         column = getattr(Run, sort)
         query = query.order_by((column.desc() if descending else column.asc()).nulls_last(), Run.id)
         if limit is not None:
@@ -218,6 +234,32 @@ class RunQueries(Database):
                 for row in session.execute(query)
             ]
 
+    def intervention(self, run_id: str) -> InterventionResult:
+        """A finished intervention's result as ``ctexp intervene`` computed it: control, rows and every answer.
+
+        Raises:
+            RegistryError: the run is unknown, not an intervention, or not finished.
+        """
+        with self._session(f"read the intervention {run_id}") as session:
+            run = require_run(session, run_id)
+            if run.kind is not RunKind.INTERVENTION:
+                raise RegistryError(f"run {run.id[:12]} ({run.name}) is of kind {run.kind.value}, not an intervention")
+            if run.status is not RunStatus.FINISHED:
+                raise RegistryError(
+                    f"intervention {run.id[:12]} ({run.name}) is {run.status.value}; only a finished one has results"
+                )
+            answers: dict[str, list[ProblemAnswer]] = defaultdict(list)
+            query = select(InterventionAnswer).where(InterventionAnswer.run_id == run_id)
+            for answer in session.scalars(query.order_by(InterventionAnswer.row_key, InterventionAnswer.ordinal)):
+                answers[answer.row_key].append(ProblemAnswer.model_validate(answer, from_attributes=True))
+            rows = session.scalars(select(InterventionRowResult).where(InterventionRowResult.run_id == run_id)
+                                   .order_by(InterventionRowResult.ordinal))
+            return InterventionResult(
+                run_id=run.id, lens_run=run.config_json["run"], config=run.config_json,
+                control=summarize_control(answers[CONTROL_KEY]),
+                rows=[_intervention_row(row, answers[row.row_key]) for row in rows],
+            )
+
     def list_trials(self, sweep_id: int) -> list[RunRecord]:
         """The runs of a sweep's trials, by trial number (a retried trial's runs in start order)."""
         query = _runs().where(Run.sweep_id == sweep_id).order_by(Run.trial_number, Run.started_at, Run.id)
@@ -254,6 +296,23 @@ def _status(text: str) -> RunStatus:
         raise RegistryError(
             f"unknown run status {text!r}; choose one of: {', '.join(status.value for status in RunStatus)}"
         ) from None
+
+
+def _kind(text: str) -> RunKind:
+    try:
+        return RunKind(str(text).lower())
+    except ValueError:
+        raise RegistryError(f"unknown run kind {text!r}; choose one of: {', '.join(kind.value for kind in RunKind)}") from None
+
+
+def _intervention_row(row: InterventionRowResult, answers: list[ProblemAnswer]) -> InterventionRow:
+    ci = None if row.ci_low is None or row.ci_high is None else (row.ci_low, row.ci_high)
+    return InterventionRow(
+        position="all" if row.position is None else row.position, mode=row.mode, site=row.site, layer=row.layer,
+        n=row.n, accuracy=row.accuracy, control_accuracy=row.control_accuracy, delta=row.delta, ci=ci,
+        changed=row.changed, lost=row.lost, gained=row.gained, p_value=row.p_value, p_holm=row.p_holm,
+        significant=row.significant, answers=answers,
+    )
 
 
 def _breakdown(by: str) -> Grouping:

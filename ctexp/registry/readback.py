@@ -1,4 +1,5 @@
-"""Reading recorded runs back for analysis: a run's record and its files, from the run directory or MLflow.
+"""Reading recorded runs back for analysis: a run's record and its files, from the run directory or MLflow;
+and interventions' results, from the results database.
 
 Loading is the registry's business, analysing is not: ``load_compared_runs`` hands ``compare`` typed,
 loaded runs (``ComparedRun``), so that ``ctexp.analysis`` never reads the registry itself. ``run_file``
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from ctexp.analysis.comparison import ComparedRun, read_states
+from ctexp.analysis.intervention import InterventionResult
 from ctexp.errors import RegistryError
 from ctexp.registry.locations import Locations
 from ctexp.registry.records import RunRecord
@@ -75,6 +77,26 @@ def run_file(
         record.mlflow_run_id, f"{RUN_ARTIFACTS}/{name}", directory
     )
     return None if downloaded is None else (downloaded, "mlflow")
+
+
+def resolve_runs(locations: Locations, refs: Sequence[str]) -> list[RunRecord]:
+    """The records of the runs ``refs`` name, in the order given.
+
+    Raises:
+        RegistryError: a run is unknown or its reference ambiguous.
+    """
+    with locations.registry() as registry:
+        return [registry.resolve(ref) for ref in refs]
+
+
+def load_interventions(locations: Locations, refs: Sequence[str]) -> list[InterventionResult]:
+    """The results of the finished interventions ``refs`` name, with every answer, in the order given.
+
+    Raises:
+        RegistryError: a run is unknown, not an intervention, or not finished.
+    """
+    with locations.registry() as registry:
+        return [registry.intervention(registry.resolve(ref).id) for ref in refs]
 
 
 def _load_run(locations: Locations, record: RunRecord, scratch: Path) -> ComparedRun:

@@ -7,16 +7,22 @@ from typing import Any
 
 from ctexp.analysis.result import GroupMetrics
 from ctexp.records import FrozenRecord
-from ctexp.registry.models import METRICS, RunStatus, SweepStatus
+from ctexp.registry.models import METRICS, RunKind, RunStatus, SweepStatus
 
 
 class RunRecord(FrozenRecord):
-    """One run as the registry holds it: provenance, status and headline test metrics."""
+    """One run as the registry holds it: provenance, status and headline test metrics.
+
+    An intervention (``kind``) carries the lens columns of the lens run it is of (``source_run_id``)
+    and no headline test metrics; its results are ``Registry.intervention(run_id)``.
+    """
 
     id: str
     name: str
     experiment: str
     status: RunStatus
+    kind: RunKind = RunKind.LENS
+    source_run_id: str | None = None
     started_at: datetime
     ended_at: datetime | None
     heartbeat_at: datetime

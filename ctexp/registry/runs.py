@@ -1,7 +1,9 @@
-"""The registry's writes of a run's life: start, heartbeat, epochs, results, end, delete."""
+"""The registry's writes of a run's life: start, heartbeat, epochs, results, end, delete; and of an
+intervention's: start (from the lens run it is of), rows and answers with FINISHED in one transaction."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -10,11 +12,24 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ctexp.analysis.groupings import AXES, BREAKDOWNS, Grouping
+from ctexp.analysis.intervention import CONTROL_KEY, InterventionResult, InterventionRow, ProblemAnswer
 from ctexp.analysis.result import EpochMetrics, RunResult
 from ctexp.config import ExperimentConfig
 from ctexp.errors import RegistryError
 from ctexp.registry.database import Database, now, require_run, unknown_run
-from ctexp.registry.models import BASELINES, METRICS, TEST_SPLIT, Epoch, Experiment, Result, Run, RunStatus
+from ctexp.registry.models import (
+    BASELINES,
+    METRICS,
+    TEST_SPLIT,
+    Epoch,
+    Experiment,
+    InterventionAnswer,
+    InterventionRowResult,
+    Result,
+    Run,
+    RunKind,
+    RunStatus,
+)
 
 
 class RunWrites(Database):
@@ -99,6 +114,73 @@ class RunWrites(Database):
 
         self._write(f"record the results of run {result.run_id}", work)
 
+    def start_intervention(
+        self,
+        run_id: str,
+        name: str,
+        *,
+        lens_run_id: str,
+        config: Mapping[str, Any],
+        seed: int,
+        device: str,
+        code_version: str,
+    ) -> None:
+        """Record a RUNNING intervention of a lens run, with its heartbeat now.
+
+        It joins the lens run's experiment and copies its lens columns (``lens``, ``adapter``, ``split``,
+        ``target``, ``layers``, ``positions``, ``store_hash``, ``store_path``), which are NOT NULL for every
+        run, so that queries written for lens runs keep working on the whole table.
+
+        Raises:
+            RegistryError: the run id is already recorded, the lens run is unknown or not a lens run, or the
+                database fails.
+        """
+        started = now()
+
+        def work(session: Session) -> None:
+            if session.get(Run, run_id) is not None:
+                raise RegistryError(f"run {run_id} is already in the results database; start a run with a new id")
+            lens = require_run(session, lens_run_id)
+            if lens.kind is not RunKind.LENS:
+                raise RegistryError(f"run {lens_run_id[:12]} ({lens.name}) is of kind {lens.kind.value}, not a lens run")
+            session.add(Run(
+                id=run_id, name=name, experiment_id=lens.experiment_id, status=RunStatus.RUNNING,
+                kind=RunKind.INTERVENTION, source_run_id=lens.id, started_at=started, heartbeat_at=started,
+                config_json=dict(config), lens=lens.lens, adapter=lens.adapter, split=lens.split, target=lens.target,
+                layers=lens.layers, positions=lens.positions, seed=seed, store_hash=lens.store_hash,
+                store_path=lens.store_path, code_version=code_version, device=device,
+            ))
+
+        self._write(f"record the start of intervention {run_id}", work)
+
+    def finish_intervention(self, result: InterventionResult, seconds: float) -> None:
+        """Record an intervention's rows and every row's answers (the control's too) and mark it FINISHED,
+        in one transaction. Finishing again replaces them: it is safe to retry.
+
+        Raises:
+            RegistryError: the run was never started or is not an intervention, or the database fails.
+        """
+        def work(session: Session) -> None:
+            run = require_run(session, result.run_id)
+            if run.kind is not RunKind.INTERVENTION:
+                raise RegistryError(f"run {run.id[:12]} ({run.name}) is of kind {run.kind.value}, not an intervention")
+            for table in (InterventionRowResult, InterventionAnswer):
+                session.execute(delete(table).where(table.run_id == run.id))
+            session.execute(insert(InterventionRowResult), [
+                _intervention_row(run.id, ordinal, row) for ordinal, row in enumerate(result.rows)
+            ])
+            answers = [(CONTROL_KEY, result.control.answers), *((row.key, row.answers) for row in result.rows)]
+            session.execute(insert(InterventionAnswer), [
+                _answer_row(run.id, key, ordinal, answer)
+                for key, listed in answers for ordinal, answer in enumerate(listed)
+            ])
+            ended = now()
+            run.config_json = result.config
+            run.status, run.ended_at, run.heartbeat_at, run.error = RunStatus.FINISHED, ended, ended, None
+            run.seconds = seconds
+
+        self._write(f"record the results of intervention {result.run_id}", work)
+
     def end_run(self, run_id: str, status: RunStatus, error: str | None = None) -> None:
         """End a run that did not finish: FAILED, KILLED or PRUNED, with the reason. Its epochs are kept.
 
@@ -158,6 +240,18 @@ class RunWrites(Database):
                 raise unknown_run(run_id)
 
         self._write(action, work)
+
+def _intervention_row(run_id: str, ordinal: int, row: InterventionRow) -> dict[str, Any]:
+    """The ``ctexp_intervention_rows`` values of an ``InterventionRow`` (position ``all`` is NULL)."""
+    low, high = row.ci or (None, None)
+    values = row.model_dump(exclude={"answers", "ci", "position"})
+    return {**values, "run_id": run_id, "row_key": row.key, "ordinal": ordinal,
+            "position": None if row.position == "all" else row.position, "ci_low": low, "ci_high": high}
+
+
+def _answer_row(run_id: str, row_key: str, ordinal: int, answer: ProblemAnswer) -> dict[str, Any]:
+    return {"run_id": run_id, "row_key": row_key, "ordinal": ordinal, **answer.model_dump()}
+
 
 def _epoch_row(run_id: str, epoch: EpochMetrics) -> Epoch:
     """The SQL row of an epoch (per-position validation top-1 stays in result.json)."""

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ctexp.analysis.groupings import grouping
+from ctexp.analysis.intervention import InterventionResult
 from ctexp.analysis.report import breakdown_section
 from ctexp.analysis.result import GroupMetrics, RunResult
 from ctexp.registry.tracking.names import flatten_config
@@ -62,6 +63,26 @@ def _describe_lens_run(result: RunResult) -> str:
         (f"Store `{result.store.path or result.store.model}` (content hash `{result.store.content_hash}`); "
          f"ctexp run `{result.run_id}`."),
     ]
+    return "\n".join(lines)
+
+
+@describe.register
+def _describe_intervention(result: InterventionResult) -> str:
+    control = result.control
+    lines = [
+        (f"**Intervention** on lens run `{result.lens_run}`: control accuracy {_pct(control.accuracy)} over "
+         f"{control.n:,} problems; {sum(row.significant for row in result.rows)} of {len(result.rows)} "
+         "replacements change accuracy significantly (Holm, 95% paired bootstrap excluding 0)."),
+        "",
+        "| position | mode | n | accuracy | delta [95% CI] | changed | p (Holm) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in result.rows:
+        interval = "" if row.ci is None else f" [{100 * row.ci[0]:+.1f}, {100 * row.ci[1]:+.1f}]"
+        holm = "-" if row.p_holm is None else f"{row.p_holm:.3g}{' *' if row.significant else ''}"
+        lines.append(f"| {row.position} | {row.mode} | {row.n} | {_pct(row.accuracy)} | "
+                     f"{_points(row.delta)}{interval} | {_pct(row.changed)} | {holm} |")
+    lines += ["", f"**Config**: `{_config_line(result.config)}`", "", f"ctexp run `{result.run_id}`."]
     return "\n".join(lines)
 
 

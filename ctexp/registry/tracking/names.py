@@ -1,4 +1,5 @@
-"""What ctexp logs to MLflow under which names: flattened config parameters and final metrics."""
+"""What ctexp logs to MLflow under which names: flattened config parameters, a run's final metrics and an
+intervention's metrics."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ctexp.analysis.groupings import GROUPINGS
+from ctexp.analysis.intervention import CONTROL_KEY, InterventionResult
 from ctexp.analysis.result import GroupMetrics, RunResult
 
 GROUP_METRICS = ("loss", "top1", "top5", "top10")
@@ -66,6 +68,24 @@ def final_metrics(result: RunResult) -> dict[str, float]:
         "run/best_epoch": result.best_epoch,
     }
     metrics.update({key: float(value) for key, value in run.items() if value is not None})
+    return metrics
+
+
+INTERVENTION_METRICS = ("accuracy", "delta", "changed", "p_holm")
+
+
+def intervention_metrics(result: InterventionResult) -> dict[str, float]:
+    """An intervention's metrics under MLflow keys; None values are left out.
+
+    Keys: ``intervene/control/accuracy``, and per row ``intervene/p{position}/{mode}/`` (``pall`` for every
+    position at once, as the row's key) with ``accuracy``, ``delta``, ``changed`` and ``p_holm``.
+    """
+    metrics = {f"intervene/{CONTROL_KEY}/accuracy": result.control.accuracy}
+    for row in result.rows:
+        for name in INTERVENTION_METRICS:
+            value = getattr(row, name)
+            if value is not None:
+                metrics[f"intervene/{row.key}/{name}"] = float(value)
     return metrics
 
 
