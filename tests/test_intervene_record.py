@@ -104,7 +104,7 @@ def test_runs_lists_interventions_by_kind(setup: Setup, recorded: dict) -> None:
     assert "Kind" in table and "intervention" in table and "Test top-1" in table
     line = next(line for line in table.splitlines() if recorded["run_id"][:12] in line)
     assert " - " in line  # no test top-1
-    setup.cli("runs", "--kind", "attention", code=2)
+    setup.cli("runs", "--kind", "bogus", code=2)
 
 
 def test_show_prints_the_control_the_rows_and_the_flipped_answers(setup: Setup, recorded: dict) -> None:  # noqa: F811

@@ -26,6 +26,15 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, inspect, text
 
+from ctexp.analysis.attention import (
+    KIND_COLUMNS,
+    AttentionReport,
+    KindMass,
+    RunInfo,
+    TargetContrast,
+    TokenMass,
+    TopTokens,
+)
 from ctexp.analysis.intervention import InterventionResult, ProblemAnswer, adjust, paired_row, summarize_control
 from ctexp.analysis.result import EpochMetrics, RunResult
 from ctexp.config import ExperimentConfig, build_config
@@ -46,9 +55,10 @@ from ctexp.registry.records import SweepRecord
 from tests.conftest import needs_postgres
 
 SMALL = {"world.problems": 120, "world.layers": 2, "world.hidden": 16, "train.epochs": 2}
-HEAD = "0004_interventions"
+HEAD = "0005_attention"
 CTEXP_TABLES = {"ctexp_sweeps", "ctexp_experiments", "ctexp_runs", "ctexp_epochs", "ctexp_results",
-                "ctexp_intervention_rows", "ctexp_intervention_answers"}
+                "ctexp_intervention_rows", "ctexp_intervention_answers", "ctexp_attention_masses",
+                "ctexp_attention_tokens", "ctexp_attention_targets"}
 OLD_RESULT_TABLES = {"layer": "ctexp_layer_results", "position": "ctexp_position_results", "cell": "ctexp_cell_results"}
 
 
@@ -464,11 +474,14 @@ def test_delete_cascades(db_url: str, registry: Registry, result: RunResult) -> 
     kept, deleted = record(registry, result), record(registry, result)
     kept_intervention = record_intervention(registry, kept.run_id).run_id
     deleted_intervention = record_intervention(registry, deleted.run_id).run_id
+    kept_attention = record_attention(registry, kept.run_id).run_id
+    deleted_attention = record_attention(registry, deleted.run_id).run_id
     registry.delete_run(deleted.run_id)
     registry.delete_run(deleted_intervention)
+    registry.delete_run(deleted_attention or "")
     for table in CTEXP_TABLES - {"ctexp_sweeps", "ctexp_experiments", "ctexp_runs"}:
         gone, there = (deleted_intervention, kept_intervention) if "intervention" in table else (
-            deleted.run_id, kept.run_id)
+            (deleted_attention, kept_attention) if "attention" in table else (deleted.run_id, kept.run_id))
         assert sql(db_url, f"SELECT COUNT(*) FROM {table} WHERE run_id = :id", id=gone) == [(0,)], table
         assert sql(db_url, f"SELECT COUNT(*) FROM {table} WHERE run_id = :id", id=there)[0][0] > 0, table
     assert sql(db_url, "SELECT COUNT(*) FROM ctexp_experiments") == [(1,)]  # both runs share one experiment
@@ -755,8 +768,8 @@ def test_an_intervention_round_trips_and_outlives_its_lens_run(db_url: str, regi
     assert sql(db_url, "SELECT count(*) FROM ctexp_intervention_answers") == [(6 + 6 + 6,)]  # control, p2, all
     assert [r.id for r in registry.list_runs(kind="intervention")] == [intervention.run_id]
     assert [r.id for r in registry.list_runs(kind="lens")] == [lens.run_id]
-    with pytest.raises(RegistryError, match="unknown run kind 'attention'"):
-        registry.list_runs(kind="attention")
+    with pytest.raises(RegistryError, match="unknown run kind 'bogus'"):
+        registry.list_runs(kind="bogus")
     with pytest.raises(RegistryError, match="is of kind lens, not an intervention"):
         registry.intervention(lens.run_id)
     with pytest.raises(RegistryError, match="is of kind intervention, not a lens run"):
@@ -824,3 +837,104 @@ def test_upgrade_from_0003_makes_every_run_a_lens_run_and_downgrade_drops_interv
         engine.dispose()
     source = keys["fk_ctexp_runs_source_run_id_ctexp_runs"]
     assert (source["referred_table"], source["options"].get("ondelete")) == ("ctexp_runs", "SET NULL")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Attention analyses (revision 0005)
+
+
+def attention_report(run_id: str, lens_run: str | None) -> AttentionReport:
+    """A report of 2 layers x (2 thoughts and bot), with top tokens and, with a lens run, a target contrast."""
+    positions: list = [0, 1, "bot"]
+    kinds = [KindMass(layer=layer, position=position, problems=9,
+                      mass={kind: (i + layer + index) / 100 for i, kind in enumerate(KIND_COLUMNS)})
+             for layer in (1, 2) for index, position in enumerate(positions)]
+    tokens = [TopTokens(position=position, tokens=[TokenMass(id=7 + rank, token=f" t{rank}", mass=0.5 / (rank + 1),
+                                                             problems=9 - rank) for rank in range(2)])
+              for position in positions]
+    target = None if lens_run is None else [
+        TargetContrast(position=0, correct_states=4, incorrect_states=3, absent_states=1, problems=6, correct=0.6,
+                       incorrect=0.1, difference=0.5, low=0.3, high=0.7),
+        TargetContrast(position=1, correct_states=0, incorrect_states=5, absent_states=0, problems=5, correct=None,
+                       incorrect=0.2, difference=None, low=None, high=None),
+    ]
+    info = None if lens_run is None else RunInfo(id=lens_run, name="lens", lens="layer", target="first",
+                                                 tokenizer="world")
+    return AttentionReport(run_id=run_id, store="/stores/x", store_hash="cf7a51b84f4cb0df", mode="mean", heads=None,
+                           problems=9, layers=[1, 2], positions=positions, kinds=kinds, top_tokens=tokens,
+                           run=info, target=target, statistics="how")
+
+
+def record_attention(registry: Registry, lens_run: str | None) -> AttentionReport:
+    report = attention_report(new_id(), lens_run)
+    assert report.run_id is not None
+    registry.start_attention(report.run_id, "attention", lens_run_id=lens_run, store_hash=report.store_hash,
+                             store_path=report.store, layers="all", positions="all",
+                             config={"store": report.store, "seed": 0}, seed=0, code_version="test")
+    registry.finish_attention(report, 0.5)
+    return report
+
+
+def test_an_attention_analysis_round_trips_with_and_without_a_lens_run(
+    db_url: str, registry: Registry, result: RunResult,
+) -> None:
+    lens = record(registry, result, name="lens")
+    alone, related = record_attention(registry, None), record_attention(registry, lens.run_id)
+    assert registry.attention(alone.run_id or "") == alone and registry.attention(related.run_id or "") == related
+    first = registry.resolve(alone.run_id or "")
+    assert (first.kind, first.status, first.source_run_id, first.experiment) == ("attention", RunStatus.FINISHED,
+                                                                                  None, "attention")
+    assert (first.lens, first.target, first.store_hash, first.layers) == ("-", "-", "cf7a51b84f4cb0df", "all")
+    second = registry.resolve(related.run_id or "")
+    assert (second.source_run_id, second.lens, second.experiment) == (lens.run_id, lens.config["lens"], "default")
+    assert sql(db_url, "SELECT count(*) FROM ctexp_attention_masses WHERE position = -1") == [(2 * 2 * 7,)]
+    assert sql(db_url, "SELECT count(*) FROM ctexp_attention_targets") == [(2,)]
+    assert {r.id for r in registry.list_runs(kind="attention")} == {alone.run_id, related.run_id}
+    registry.finish_attention(alone, 0.5)  # again: replaced, not doubled
+    assert sql(db_url, "SELECT count(*) FROM ctexp_attention_tokens") == [(2 * 3 * 2,)]
+    with pytest.raises(RegistryError, match="is of kind lens, not an attention analysis"):
+        registry.attention(lens.run_id)
+    with pytest.raises(RegistryError, match="is of kind attention, not a lens run"):
+        registry.start_attention(new_id(), "x", lens_run_id=alone.run_id, store_hash="x", store_path=None,
+                                 layers="all", positions="all", config={}, seed=0, code_version="test")
+    broken = alone.model_copy(update={"top_tokens": alone.top_tokens * 2})  # one rank twice: refused, rolled back
+    with pytest.raises(RegistryError):
+        registry.finish_attention(broken, 0.5)
+    assert registry.attention(alone.run_id or "") == alone
+    registry.delete_run(related.run_id or "")
+    registry.delete_run(alone.run_id or "")
+    for table in ("ctexp_attention_masses", "ctexp_attention_tokens", "ctexp_attention_targets"):
+        assert sql(db_url, f"SELECT count(*) FROM {table}") == [(0,)]
+
+
+def test_upgrade_from_0004_keeps_every_run_and_downgrade_drops_attention(
+    db_url: str, result: RunResult, config: ExperimentConfig,
+) -> None:
+    with Registry(db_url) as registry:
+        kept = record(registry, result, name="kept")
+        intervention = record_intervention(registry, kept.run_id)
+        dropped = record_attention(registry, kept.run_id)
+    migrate(db_url, "0004_interventions", down=True)  # a database of revision 0004, as that revision's code left it
+    assert sql(db_url, "SELECT name, kind FROM ctexp_runs ORDER BY name") == [("kept", "lens"),
+                                                                             ("zeroed", "intervention")]
+    with pytest.raises(Exception, match="(?i)check"):
+        sql(db_url, "UPDATE ctexp_runs SET kind = 'attention' WHERE id = :id", id=kept.run_id)
+    engine = create_engine(db_url)
+    try:
+        assert not {"ctexp_attention_masses", "ctexp_attention_targets"} & set(inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+    results = sql(db_url, "SELECT count(*) FROM ctexp_results WHERE run_id = :id", id=kept.run_id)
+
+    with Registry(db_url) as registry:  # upgrades to head: every row survives the table copy
+        assert registry.current_revision() == HEAD
+        assert registry.resolve(kept.run_id).test_top1 == kept.overall.top1
+        assert registry.intervention(intervention.run_id) == intervention
+        assert registry.resolve(intervention.run_id).source_run_id == kept.run_id
+        assert sql(db_url, "SELECT count(*) FROM ctexp_results WHERE run_id = :id", id=kept.run_id) == results
+        again = record_attention(registry, kept.run_id)
+        assert registry.attention(again.run_id or "") == again
+        with pytest.raises(RegistryError):
+            registry.attention(dropped.run_id or "")
+    with pytest.raises(Exception, match="(?i)check"):
+        sql(db_url, "UPDATE ctexp_runs SET kind = 'bogus' WHERE id = :id", id=kept.run_id)

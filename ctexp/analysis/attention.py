@@ -26,20 +26,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
 from pydantic import Field
 
 from ctexp.analysis.comparison import RunStates
 from ctexp.analysis.statistics import multinomial, percentiles
 from ctexp.config import parse_index_spec
-from ctexp.data.attention import ContextKind
+from ctexp.data.sources.choices import ContextKind  # torch-free: the registry reads these records
 from ctexp.errors import ConfigError
 from ctexp.records import Record
 
 if TYPE_CHECKING:
+    import torch
     from matplotlib.figure import Figure
 
 KIND_COLUMNS = ("start", "number", "operator", "question", "bot", "thoughts", "self")
@@ -100,8 +101,10 @@ class RunInfo(Record):
 
 
 class AttentionReport(Record):
-    """``ctexp attention``'s result, as ``--json`` prints it."""
+    """``ctexp attention``'s result, as ``--json`` prints it; ``run_id`` is the recorded run's (None until
+    it is recorded)."""
 
+    run_id: str | None = None
     store: str
     store_hash: str
     mode: str
@@ -163,6 +166,8 @@ def slot_columns(kinds: torch.Tensor, n_positions: int) -> torch.Tensor:
         kinds: ``(P, C)`` the attention file's ``ContextKind`` values.
         n_positions: T.
     """
+    import torch  # here: the registry imports these records without paying for torch
+
     kinds = kinds.to(torch.int64)
     lengths = (kinds == ContextKind.BOT).to(torch.int64).argmax(dim=1).view(-1, 1, 1)  # (P, 1, 1)
     slots = torch.arange(kinds.shape[1]).view(1, 1, -1)  # (1, 1, C)
@@ -190,6 +195,8 @@ def kind_masses(
         layers: Attention layers, 1..L.
         positions: Rows: thought positions and ``bot``.
     """
+    import torch  # here: the registry imports these records without paying for torch
+
     n_positions = weights.shape[2] - 1
     columns = slot_columns(kinds, n_positions)  # (P, T+1, C)
     one_hot = torch.nn.functional.one_hot(columns.clamp(min=0), len(KIND_COLUMNS)).float()  # (P, T+1, C, K)
@@ -225,6 +232,8 @@ def top_tokens(
         label: A token id's text, for reading.
         k: How many tokens per row.
     """
+    import torch  # here: the registry imports these records without paying for torch
+
     n_problems, n_positions = weights.shape[0], weights.shape[2] - 1
     question = (kinds >= ContextKind.START) & (kinds <= ContextKind.WORD)  # (P, C)
     ids, inverse = torch.unique(tokens[question], return_inverse=True)  # (U,), (Q,)
@@ -349,6 +358,7 @@ STATISTICS = (
 # The figure
 
 PANELS_PER_ROW = 4
+FIGURE_FILE = "attention_kinds.png"
 PANEL_WIDTH_IN, PANEL_HEIGHT_PER_ROW_IN = 3.6, 0.32
 
 
@@ -395,3 +405,11 @@ def kind_heatmap(report: AttentionReport) -> Figure:
     if image is not None:
         figure.colorbar(image, ax=axes.ravel().tolist(), label="attention mass", fraction=0.03, pad=0.02)
     return figure
+
+
+def save_attention_figure(report: AttentionReport, directory: Path) -> Path:
+    """Write the heatmap ``attention_kinds.png`` of a report into ``directory`` (created if missing)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / FIGURE_FILE
+    kind_heatmap(report).savefig(path, dpi=100, format="png")
+    return path

@@ -1,5 +1,6 @@
 """A Markdown report of one run, in the shape of the reference write-up, from loaded, typed inputs; and
-of one intervention (``render_intervention_report``): its rows, its figure and what the numbers mean.
+of one intervention (``render_intervention_report``): its rows, its figure and what the numbers mean; and of
+one attention analysis (``render_attention_report``): its tables, observations, figure and statistics.
 
 The caller reads them (``ctexp report`` from the results database: the run's row, its epochs and its
 results of every grouping; samples from the run's ``result.json`` where it is still on disk).
@@ -15,6 +16,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Protocol
 
+from ctexp.analysis.attention import KIND_COLUMNS, AttentionReport
 from ctexp.analysis.groupings import BREAKDOWNS, Grouping
 from ctexp.analysis.intervention import InterventionResult, InterventionRow
 from ctexp.analysis.result import EpochMetrics, GroupMetrics, Sample
@@ -382,6 +384,99 @@ def render_intervention_report(run: ReportedRun, result: InterventionResult, fig
     if figures:
         lines += ["## Figures", "", *(f"![{name}]({name})" for name in figures), ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+# --- attention analyses -----------------------------------------------------------------------------
+
+
+def attention_sections(report: AttentionReport) -> list[str]:
+    """An attention report's tables: mass by kind, top question tokens, and the target contrast with a run."""
+    lines = ["### Attention mass by context kind", "",
+             *_table(["Layer", "Position", *KIND_COLUMNS],
+                     [[str(row.layer), str(row.position), *(f"{row.mass[kind]:.3f}" for kind in KIND_COLUMNS)]
+                      for row in report.kinds]),
+             "", "### Question tokens attended most", "",
+             *_table(["Position", "Tokens (mass per problem)"],
+                     [[str(entry.position), ", ".join(f"`{t.token.strip() or t.token!r}` {t.mass:.3f}"
+                                                      for t in entry.tokens)]
+                      for entry in report.top_tokens])]
+    if report.run is not None and report.target is not None:
+        lines += ["", f"### Attention on the target's occurrences: correct vs incorrect top-1 (lens run `{report.run.id}`)",
+                  "", *_table(
+                      ["Position", "Correct states", "Incorrect states", "Target absent", "Problems", "Mass correct",
+                       "Mass incorrect", "Difference", "95% CI"],
+                      [[str(row.position), str(row.correct_states), str(row.incorrect_states), str(row.absent_states),
+                        str(row.problems), _mass(row.correct), _mass(row.incorrect),
+                        "-" if row.difference is None else f"{row.difference:+.3f}",
+                        "-" if row.low is None or row.high is None else f"[{row.low:+.3f}, {row.high:+.3f}]"]
+                       for row in report.target])]
+    return lines
+
+
+def attention_observations(report: AttentionReport) -> list[str]:
+    """Findings computed from an attention report, each with the numbers behind it."""
+    notes = []
+    for position in report.positions:
+        rows = [row for row in report.kinds if row.position == position]
+        means = {kind: sum(row.mass[kind] for row in rows) / len(rows) for kind in KIND_COLUMNS}
+        kind = max(means, key=lambda name: means[name])
+        notes.append(f"Position {position} puts most of its attention on `{kind}` ({means[kind]:.3f} on average "
+                     f"over layers {', '.join(map(str, report.layers))}).")
+    for row in report.target or []:
+        if row.low is not None and row.high is not None and (row.low > 0 or row.high < 0):
+            side = "more" if row.low > 0 else "less"
+            notes.append(f"At position {row.position}, correctly decoded states attend {side} to their target's "
+                         f"occurrences: {row.difference:+.3f} [{row.low:+.3f}, {row.high:+.3f}].")
+    return [f"- {note}" for note in notes]
+
+
+def render_attention_report(run: ReportedRun, report: AttentionReport, figures: Sequence[str] = ()) -> str:
+    """The Markdown report of an attention analysis.
+
+    Args:
+        run: the analysis's registry record.
+        report: its report, as ``ctexp attention`` computed it.
+        figures: file names of figures beside the report.
+    """
+    lens = (f"`{report.run.id}` ({report.run.lens} lens, target `{report.run.target}`)" if report.run else "-")
+    lines = [
+        f"# Attention: {run.name}",
+        "",
+        f"**Run**: `{run.id}`  ",
+        f"**Lens run**: {lens}  ",
+        f"**Experiment**: {run.experiment}  ",
+        f"**Date**: {run.started_at:%Y-%m-%d %H:%M} UTC  ",
+        f"**Status**: {run.status.value}  ",
+        (f"**Store**: {report.store} (hash `{report.store_hash}`), attention `{report.mode}`"
+        f"{'' if report.heads is None else f' of {report.heads} heads'}, {report.problems} problems  "),
+        f"**Code**: `{run.code_version}`",
+        "",
+        "## Configuration",
+        "",
+        "```yaml",
+        *(f"{key}: {value}" for key, value in _config_lines(run.config) if key != "report"),
+        "```",
+        "",
+        "## Results",
+        "",
+        *attention_sections(report),
+        "",
+        "### Observations",
+        "",
+        *attention_observations(report),
+        "",
+        "### What the numbers mean",
+        "",
+        report.statistics,
+        "",
+    ]
+    if figures:
+        lines += ["## Figures", "", *(f"![{name}]({name})" for name in figures), ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _mass(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def _points(row: InterventionRow) -> str:

@@ -1,7 +1,8 @@
 """``ctexp attention``: what bot and each thought attend to, and (with ``--run``) how it relates to a lens.
 
-Thin: parse, call :func:`ctexp.experiment.attention.attention_report`, print tables or JSON, and write
-the figure last, so that a bad input writes nothing.
+Thin: parse, plan (:class:`ctexp.experiment.attention.AttentionPlan` checks every input), record
+(:func:`ctexp.experiment.attention_record.record_attention`), print tables or JSON, and write the figure
+last, so that a bad input writes nothing.
 """
 
 from __future__ import annotations
@@ -42,19 +43,23 @@ def attention(
     tracking_uri: TrackingOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Attention of bot and each continuous thought over the question, bot and earlier thoughts.
+    """Attention of bot and each continuous thought over the question, bot and earlier thoughts; recorded as a run.
 
     Example: ctexp attention --store stores/codi --layers 8-16 --run latest --figure attention.png
     """
-    from ctexp.experiment.attention import AttentionRequest, attention_report
+    from ctexp.experiment.attention import AttentionPlan, AttentionRequest
+    from ctexp.experiment.attention_record import record_attention
+    from ctexp.experiment.recorder import Recorder
     from ctexp.registry.locations import Locations
 
     if figure is not None and not figure.expanduser().resolve().parent.is_dir():
         raise ConfigError(f"--figure: directory {figure.expanduser().resolve().parent} does not exist")
     request = AttentionRequest(store=store, run=run, layers=layers, positions=positions, top=top,
                                resamples=resamples, seed=seed)
-    locations = Locations.resolve(home, db_url, tracking_uri) if run is not None else None
-    report = attention_report(request, locations)
+    locations = Locations.resolve(home, db_url, tracking_uri)
+    with Recorder(locations) as recorder:  # both stores checked before the attention file is read
+        plan = AttentionPlan(request, locations)  # bad input fails here, before a run is recorded
+        report = record_attention(plan, recorder)
     if figure is not None:
         from ctexp.analysis.attention import kind_heatmap
 
@@ -70,6 +75,8 @@ def attention(
         console.print(table)
     if figure is not None:
         console.print(f"wrote {figure}")
+    console.print(f"run {report.run_id} recorded in {locations.home} (ctexp show {(report.run_id or '')[:8]}, "
+                  f"ctexp report {(report.run_id or '')[:8]})")
 
 
 def attention_tables(report: AttentionReport) -> list[Table]:

@@ -73,6 +73,10 @@ def compare(
     check_options(len(runs), metric, resamples, ALPHA)  # before any run is read
     locations = Locations.resolve(home, db_url, tracking_uri)
     records = resolve_runs(locations, runs)
+    attention = next((record for record in records if record.kind is RunKind.ATTENTION), None)
+    if attention is not None:
+        raise ConfigError(f"compare takes lens runs or interventions; {attention.id[:12]} ({attention.name}) is an "
+                          "attention analysis")
     if any(record.kind is not RunKind.LENS for record in records):
         _check_one_kind(records)
         _compare_interventions(locations, runs, output_format, plot, resamples, seed)

@@ -1,8 +1,8 @@
 """Registry commands: ``runs``, ``show``, ``best``, ``report``, ``ui``, ``delete`` and ``db``.
 
 Thin: each command resolves the locations, calls the registry library and prints a table or JSON.
-``show`` and ``report`` of an intervention read its result (``Registry.intervention``) instead of a lens
-run's tables.
+``show`` and ``report`` of an intervention read its result (``Registry.intervention``), and of an attention
+analysis its report (``Registry.attention``), instead of a lens run's tables.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from ctexp.registry.queries import parse_since
 from ctexp.registry.records import RunRecord
 
 if TYPE_CHECKING:
+    from ctexp.analysis.attention import AttentionReport
     from ctexp.analysis.intervention import InterventionResult
 
 # `ctexp best --by` choices, from the one definition of groupings (typer validates a StrEnum's values).
@@ -75,7 +76,7 @@ def runs(
     status: Annotated[str | None, typer.Option(help="RUNNING, FINISHED, FAILED, KILLED or PRUNED.")] = None,
     since: Annotated[str | None, typer.Option(help="Started since: 2026-11-30, 12h, 7d.")] = None,
     sweep: Annotated[int | None, typer.Option(help="Only trials of this sweep id.")] = None,
-    kind: Annotated[RunKind | None, typer.Option(help="Only runs of this kind: lens or intervention.")] = None,
+    kind: Annotated[RunKind | None, typer.Option(help="Only runs of this kind: lens, intervention or attention.")] = None,
     sort: Annotated[str, typer.Option(help="started_at or a headline metric (test_top1, test_loss, ...).")] = "started_at",
     ascending: Annotated[bool, typer.Option("--ascending", help="Sort ascending.")] = False,
     limit: Annotated[int, typer.Option(help="At most this many runs.")] = 50,
@@ -134,6 +135,10 @@ def show(
             result = registry.intervention(record.id) if record.status.value == "FINISHED" else None
             _show_intervention(record, result, as_json=as_json, answers=answers)
             return
+        if record.kind is RunKind.ATTENTION and not answers:
+            _show_attention(record, registry.attention(record.id) if record.status.value == "FINISHED" else None,
+                            as_json=as_json)
+            return
         if answers:
             raise ConfigError(f"--answers is for intervention runs; run {record.id[:12]} is a {record.kind.value} run")
         epochs = registry.epochs(record.id)
@@ -177,6 +182,25 @@ def _show_intervention(record: RunRecord, result: InterventionResult | None, *, 
     console.print(rows_table(result))
     if answers:
         console.print(flips_table(result))
+
+
+def _show_attention(record: RunRecord, report: AttentionReport | None, *, as_json: bool) -> None:
+    """An attention analysis's record, then (finished) its tables, or its report's JSON with ``record`` added
+    (``run`` already names the lens run in the report)."""
+    from ctexp.cli.attention import attention_tables
+
+    if as_json:
+        typer.echo(json.dumps({**(report.model_dump(mode="json") if report else {}), "record": record.to_json()},
+                              indent=2))
+        return
+    console = stdout_console()
+    lens = f" of lens run {(record.source_run_id or '(deleted)')[:12]}" if record.config.get("run") else ""
+    console.print(f"attention analysis {record.id} ({record.name}){lens} of store {record.store_path} "
+                  f"in experiment {record.experiment}: {record.status.value}")
+    if record.error:
+        console.print(f"error: {record.error}")
+    for table in attention_tables(report) if report else []:
+        console.print(table)
 
 
 def best(
@@ -236,6 +260,9 @@ def report(
         if record.kind is RunKind.INTERVENTION:
             _report_intervention(locations, record, registry.intervention(record.id), out)
             return
+        if record.kind is RunKind.ATTENTION:
+            _report_attention(locations, record, registry.attention(record.id), out)
+            return
         epochs = registry.epochs(record.id)
         groups = {name: [row.as_group_metrics() for row in rows] for name, rows in registry.breakdowns(record.id).items()}
     if record.status.value != "FINISHED":
@@ -257,6 +284,16 @@ def _report_intervention(locations: Locations, record: RunRecord, result: Interv
     target.parent.mkdir(parents=True, exist_ok=True)
     figure = save_intervention_figure(result, target.parent)
     _write_report(locations, record, target, render_intervention_report(record, result, [figure.name]), [figure])
+
+
+def _report_attention(locations: Locations, record: RunRecord, report: AttentionReport, out: Path | None) -> None:
+    from ctexp.analysis.attention import save_attention_figure
+    from ctexp.analysis.report import render_attention_report
+
+    target = (out or locations.home / "runs" / record.id / "report.md").resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    figure = save_attention_figure(report, target.parent)
+    _write_report(locations, record, target, render_attention_report(record, report, [figure.name]), [figure])
 
 
 def _write_report(locations: Locations, record: RunRecord, target: Path, text: str, figures: list[Path]) -> None:

@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from enum import IntEnum
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ctexp.data.sources.choices import AttentionMode
+from ctexp.data.sources.choices import AttentionMode, ContextKind
 from ctexp.data.store import Store, StoreMeta, check_regular_file
 from ctexp.errors import StoreError
 
@@ -47,18 +46,6 @@ ROW_SUM_TOLERANCE = 1e-2
 NO_TOKEN = -1
 _CHECK_CHUNK = 64  # problems checked at once: bounds the temporaries of a per-head file
 _OPERATORS = frozenset("+-*/=×÷^<>")
-
-
-class ContextKind(IntEnum):
-    """What a context slot is; the values are stored in ``kinds``."""
-
-    PAD = 0
-    START = 1  # the tokenizer's BOS (LLaMA adds one; attention sinks gather there)
-    NUMBER = 2
-    OPERATOR = 3
-    WORD = 4  # any other question token
-    BOT = 5
-    THOUGHT = 6
 
 
 QUESTION_KINDS = (ContextKind.START, ContextKind.NUMBER, ContextKind.OPERATOR, ContextKind.WORD)

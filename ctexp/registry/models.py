@@ -61,15 +61,18 @@ class RunStatus(StrEnum):
 
 
 class RunKind(StrEnum):
-    """What a run is: a trained lens, or an intervention on a CODI model through a lens run's store.
+    """What a run is: a trained lens, an intervention on a CODI model through a lens run's store, or an
+    attention analysis of a store (``ctexp attention``).
 
     Rows of ``ctexp_runs`` of every kind keep the lens columns (``lens``, ``split``, ``target``, ...): an
-    intervention copies them from the lens run it is of, so that queries written for lens runs keep
-    working. A new kind is a new value here and a batch ALTER of the CHECK by a migration.
+    intervention, or an attention analysis with a lens run, copies them from the lens run it is of, so
+    that queries written for lens runs keep working; an attention analysis without one holds ``-`` there.
+    A new kind is a new value here and a batch ALTER of the CHECK by a migration.
     """
 
     LENS = "lens"
     INTERVENTION = "intervention"
+    ATTENTION = "attention"
 
 
 class SweepStatus(StrEnum):
@@ -363,3 +366,58 @@ class InterventionAnswer(Base):
     text: Mapped[str]
     parsed: Mapped[str | None]
     correct: Mapped[bool] = mapped_column(Boolean())
+
+
+BOT_POSITION = -1  # bot's row in the attention tables, whose positions are integers (thoughts are 0..T-1)
+
+
+class AttentionMassRow(Base):
+    """The mean attention mass of one (layer, position) of an attention analysis on one context kind.
+
+    ``position`` is a thought position, or ``BOT_POSITION`` (-1) for bot's row; ``kind`` is one of
+    ``ctexp.analysis.attention.KIND_COLUMNS``.
+    """
+
+    __tablename__ = "ctexp_attention_masses"
+    __table_args__ = (PrimaryKeyConstraint("run_id", "layer", "position", "kind"),)
+
+    run_id: Mapped[str] = mapped_column(String(32), ForeignKey("ctexp_runs.id", ondelete="CASCADE"))
+    layer: Mapped[int]
+    position: Mapped[int]
+    kind: Mapped[str] = mapped_column(String(16))
+    mass: Mapped[float]
+
+
+class AttentionTokenRow(Base):
+    """A question token a position attends to most (``rank`` 0 is the most), averaged over the chosen layers."""
+
+    __tablename__ = "ctexp_attention_tokens"
+    __table_args__ = (PrimaryKeyConstraint("run_id", "position", "rank"),)
+
+    run_id: Mapped[str] = mapped_column(String(32), ForeignKey("ctexp_runs.id", ondelete="CASCADE"))
+    position: Mapped[int]
+    rank: Mapped[int]
+    token_id: Mapped[int]
+    token: Mapped[str]
+    mass: Mapped[float]
+    problems: Mapped[int]
+
+
+class AttentionTargetRow(Base):
+    """With a lens run: the attention on test states' target occurrences at one thought position, correct
+    vs incorrect states (top-1), and the difference with its 95% problem-bootstrap interval."""
+
+    __tablename__ = "ctexp_attention_targets"
+    __table_args__ = (PrimaryKeyConstraint("run_id", "position"),)
+
+    run_id: Mapped[str] = mapped_column(String(32), ForeignKey("ctexp_runs.id", ondelete="CASCADE"))
+    position: Mapped[int]
+    correct_states: Mapped[int]
+    incorrect_states: Mapped[int]
+    absent_states: Mapped[int]
+    problems: Mapped[int]
+    mass_correct: Mapped[float | None]
+    mass_incorrect: Mapped[float | None]
+    difference: Mapped[float | None]
+    ci_low: Mapped[float | None]
+    ci_high: Mapped[float | None]

@@ -1,5 +1,5 @@
-"""The registry's reads: runs by reference or filter, epochs, results, the best run per group, and an
-intervention's result."""
+"""The registry's reads: runs by reference or filter, epochs, results, the best run per group, an
+intervention's result and an attention analysis's report."""
 
 from __future__ import annotations
 
@@ -11,6 +11,15 @@ from typing import Any
 from sqlalchemy import Row, Select, and_, func, select
 from sqlalchemy.orm import Session
 
+from ctexp.analysis.attention import (
+    BOT,
+    KIND_COLUMNS,
+    AttentionReport,
+    KindMass,
+    TargetContrast,
+    TokenMass,
+    TopTokens,
+)
 from ctexp.analysis.groupings import BREAKDOWNS, Grouping, grouping, names
 from ctexp.analysis.intervention import (
     CONTROL_KEY,
@@ -23,10 +32,14 @@ from ctexp.analysis.result import EpochMetrics
 from ctexp.errors import ConfigError, RegistryError
 from ctexp.registry.database import Database, require_run
 from ctexp.registry.models import (
+    BOT_POSITION,
     HEADLINE_METRICS,
     HIGHER_IS_BETTER,
     METRICS,
     TEST_SPLIT,
+    AttentionMassRow,
+    AttentionTargetRow,
+    AttentionTokenRow,
     Epoch,
     Experiment,
     InterventionAnswer,
@@ -259,6 +272,47 @@ class RunQueries(Database):
                 control=summarize_control(answers[CONTROL_KEY]),
                 rows=[_intervention_row(row, answers[row.row_key]) for row in rows],
             )
+
+    def attention(self, run_id: str) -> AttentionReport:
+        """A finished attention analysis's report as ``ctexp attention`` computed it (with its ``run_id``).
+
+        Raises:
+            RegistryError: the run is unknown, not an attention analysis, or not finished.
+        """
+        with self._session(f"read the attention analysis {run_id}") as session:
+            run = require_run(session, run_id)
+            if run.kind is not RunKind.ATTENTION:
+                raise RegistryError(
+                    f"run {run.id[:12]} ({run.name}) is of kind {run.kind.value}, not an attention analysis")
+            if run.status is not RunStatus.FINISHED:
+                raise RegistryError(
+                    f"attention analysis {run.id[:12]} ({run.name}) is {run.status.value}; only a finished one "
+                    "has results"
+                )
+            header = run.config_json["report"]
+            masses = {(row.layer, row.position, row.kind): row.mass for row in
+                      session.scalars(select(AttentionMassRow).where(AttentionMassRow.run_id == run_id))}
+            tokens: dict[int, list[TokenMass]] = defaultdict(list)
+            query = select(AttentionTokenRow).where(AttentionTokenRow.run_id == run_id)
+            for token in session.scalars(query.order_by(AttentionTokenRow.position, AttentionTokenRow.rank)):
+                tokens[token.position].append(TokenMass(id=token.token_id, token=token.token, mass=token.mass,
+                                                        problems=token.problems))
+            targets = session.scalars(select(AttentionTargetRow).where(AttentionTargetRow.run_id == run_id)
+                                      .order_by(AttentionTargetRow.position))
+            target = [TargetContrast(
+                position=row.position, correct_states=row.correct_states, incorrect_states=row.incorrect_states,
+                absent_states=row.absent_states, problems=row.problems, correct=row.mass_correct,
+                incorrect=row.mass_incorrect, difference=row.difference, low=row.ci_low, high=row.ci_high,
+            ) for row in targets]
+        numbers = [(position, BOT_POSITION if position == BOT else int(position)) for position in header["positions"]]
+        return AttentionReport.model_validate({
+            **header, "run_id": run_id,
+            "kinds": [KindMass(layer=layer, position=position, problems=header["problems"],
+                               mass={kind: masses[(layer, number, kind)] for kind in KIND_COLUMNS})
+                      for layer in header["layers"] for position, number in numbers],
+            "top_tokens": [TopTokens(position=position, tokens=tokens[number]) for position, number in numbers],
+            "target": target if header.get("run") is not None else None,
+        })
 
     def list_trials(self, sweep_id: int) -> list[RunRecord]:
         """The runs of a sweep's trials, by trial number (a retried trial's runs in start order)."""

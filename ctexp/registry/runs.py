@@ -1,5 +1,6 @@
-"""The registry's writes of a run's life: start, heartbeat, epochs, results, end, delete; and of an
-intervention's: start (from the lens run it is of), rows and answers with FINISHED in one transaction."""
+"""The registry's writes of a run's life: start, heartbeat, epochs, results, end, delete; of an
+intervention's: start (from the lens run it is of), rows and answers with FINISHED in one transaction; and
+of an attention analysis's: start (from its lens run, or its store alone), its report's rows with FINISHED."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from sqlalchemy import delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from ctexp.analysis.attention import BOT, AttentionReport, Row
 from ctexp.analysis.groupings import AXES, BREAKDOWNS, Grouping
 from ctexp.analysis.intervention import CONTROL_KEY, InterventionResult, InterventionRow, ProblemAnswer
 from ctexp.analysis.result import EpochMetrics, RunResult
@@ -19,8 +21,12 @@ from ctexp.errors import RegistryError
 from ctexp.registry.database import Database, now, require_run, unknown_run
 from ctexp.registry.models import (
     BASELINES,
+    BOT_POSITION,
     METRICS,
     TEST_SPLIT,
+    AttentionMassRow,
+    AttentionTargetRow,
+    AttentionTokenRow,
     Epoch,
     Experiment,
     InterventionAnswer,
@@ -181,6 +187,105 @@ class RunWrites(Database):
 
         self._write(f"record the results of intervention {result.run_id}", work)
 
+    def start_attention(
+        self,
+        run_id: str,
+        name: str,
+        *,
+        lens_run_id: str | None,
+        store_hash: str,
+        store_path: str | None,
+        layers: str,
+        positions: str,
+        config: Mapping[str, Any],
+        seed: int,
+        code_version: str,
+    ) -> None:
+        """Record a RUNNING attention analysis of a store, with its heartbeat now.
+
+        With a lens run it joins that run's experiment and copies its lens columns, as an intervention
+        does. Without one it joins the experiment ``attention`` of its store (the store's hash is the
+        experiment's config hash) and holds ``-`` in ``lens``, ``adapter``, ``split`` and ``target`` and its
+        own ``layers`` and ``positions`` specs. Its device is ``cpu`` (the statistics run there).
+
+        Raises:
+            RegistryError: the run id is already recorded, the lens run is unknown or not a lens run, or the
+                database fails.
+        """
+        started = now()
+
+        def work(session: Session) -> None:
+            if session.get(Run, run_id) is not None:
+                raise RegistryError(f"run {run_id} is already in the results database; start a run with a new id")
+            values: dict[str, Any]
+            if lens_run_id is None:
+                experiment = _named_experiment(session, ATTENTION_EXPERIMENT, store_hash, {"store_hash": store_hash},
+                                               started)
+                values = {"experiment_id": experiment, "lens": "-", "adapter": "-", "split": "-", "target": "-",
+                          "layers": layers, "positions": positions}
+            else:
+                lens = require_run(session, lens_run_id)
+                if lens.kind is not RunKind.LENS:
+                    raise RegistryError(
+                        f"run {lens_run_id[:12]} ({lens.name}) is of kind {lens.kind.value}, not a lens run")
+                values = {"experiment_id": lens.experiment_id, "source_run_id": lens.id,
+                          **{column: getattr(lens, column) for column in LENS_COLUMNS}}
+            session.add(Run(
+                id=run_id, name=name, status=RunStatus.RUNNING, kind=RunKind.ATTENTION, started_at=started,
+                heartbeat_at=started, config_json=dict(config), seed=seed, store_hash=store_hash,
+                store_path=store_path, code_version=code_version, device="cpu", **values,
+            ))
+
+        self._write(f"record the start of attention analysis {run_id}", work)
+
+    def finish_attention(self, report: AttentionReport, seconds: float) -> None:
+        """Record an attention report's rows (masses, top tokens, and the target contrast with a lens run)
+        and mark the run FINISHED, in one transaction. Finishing again replaces them.
+
+        The report's other fields (store, mode, layers, ...) go into ``config_json`` under ``report``, beside
+        the settings, so that ``Registry.attention`` reads back the same report.
+
+        Raises:
+            RegistryError: the run was never started or is not an attention analysis, or the database fails.
+        """
+        if report.run_id is None:
+            raise ValueError("finish_attention needs a report with its run_id")
+
+        def work(session: Session) -> None:
+            run = require_run(session, report.run_id or "")
+            if run.kind is not RunKind.ATTENTION:
+                raise RegistryError(
+                    f"run {run.id[:12]} ({run.name}) is of kind {run.kind.value}, not an attention analysis")
+            for table in (AttentionMassRow, AttentionTokenRow, AttentionTargetRow):
+                session.execute(delete(table).where(table.run_id == run.id))
+            session.execute(insert(AttentionMassRow), [
+                {"run_id": run.id, "layer": row.layer, "position": position_number(row.position), "kind": kind,
+                 "mass": mass}
+                for row in report.kinds for kind, mass in row.mass.items()
+            ])
+            tokens = [
+                {"run_id": run.id, "position": position_number(entry.position), "rank": rank, "token_id": token.id,
+                 "token": token.token, "mass": token.mass, "problems": token.problems}
+                for entry in report.top_tokens for rank, token in enumerate(entry.tokens)
+            ]
+            if tokens:
+                session.execute(insert(AttentionTokenRow), tokens)
+            if report.target:
+                session.execute(insert(AttentionTargetRow), [
+                    {"run_id": run.id, "position": row.position, "correct_states": row.correct_states,
+                     "incorrect_states": row.incorrect_states, "absent_states": row.absent_states,
+                     "problems": row.problems, "mass_correct": row.correct, "mass_incorrect": row.incorrect,
+                     "difference": row.difference, "ci_low": row.low, "ci_high": row.high}
+                    for row in report.target
+                ])
+            ended = now()
+            header = report.model_dump(mode="json", exclude={"run_id", "kinds", "top_tokens", "target"})
+            run.config_json = {**run.config_json, "report": header}
+            run.status, run.ended_at, run.heartbeat_at, run.error = RunStatus.FINISHED, ended, ended, None
+            run.seconds = seconds
+
+        self._write(f"record the results of attention analysis {report.run_id}", work)
+
     def end_run(self, run_id: str, status: RunStatus, error: str | None = None) -> None:
         """End a run that did not finish: FAILED, KILLED or PRUNED, with the reason. Its epochs are kept.
 
@@ -241,6 +346,15 @@ class RunWrites(Database):
 
         self._write(action, work)
 
+ATTENTION_EXPERIMENT = "attention"  # the experiment of attention analyses without a lens run
+LENS_COLUMNS = ("lens", "adapter", "split", "target", "layers", "positions")
+
+
+def position_number(position: Row) -> int:
+    """A report position as the attention tables hold it: bot is ``BOT_POSITION`` (-1)."""
+    return BOT_POSITION if position == BOT else int(position)
+
+
 def _intervention_row(run_id: str, ordinal: int, row: InterventionRow) -> dict[str, Any]:
     """The ``ctexp_intervention_rows`` values of an ``InterventionRow`` (position ``all`` is NULL)."""
     low, high = row.ci or (None, None)
@@ -260,15 +374,18 @@ def _epoch_row(run_id: str, epoch: EpochMetrics) -> Epoch:
 
 def _experiment_id(session: Session, config: ExperimentConfig, created: datetime) -> int:
     """The id of the experiment ``(config.experiment, config_hash)``, created if new."""
-    name, config_hash = config.experiment, config.config_hash()
+    return _named_experiment(session, config.experiment, config.config_hash(),
+                             config.model_dump(mode="json", exclude={"name", "device"}), created)
+
+
+def _named_experiment(session: Session, name: str, config_hash: str, config_json: dict[str, Any],
+                      created: datetime) -> int:
+    """The id of the experiment ``(name, config_hash)``, created with ``config_json`` if new."""
     query = select(Experiment.id).where(Experiment.name == name, Experiment.config_hash == config_hash)
     found = session.scalar(query)
     if found is not None:
         return found
-    experiment = Experiment(
-        name=name, config_hash=config_hash, created_at=created,
-        config_json=config.model_dump(mode="json", exclude={"name", "device"}),
-    )
+    experiment = Experiment(name=name, config_hash=config_hash, created_at=created, config_json=config_json)
     try:
         with session.begin_nested():  # a savepoint: losing a race to another writer keeps our transaction
             session.add(experiment)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from enum import StrEnum
+from enum import IntEnum, StrEnum
 
 
 class Precision(StrEnum):
@@ -24,3 +24,19 @@ class AttentionMode(StrEnum):
 
     MEAN = "mean"  # averaged over heads, float32
     HEADS = "heads"  # every head, in the extraction's dtype
+
+
+class ContextKind(IntEnum):
+    """What a context slot of an attention file is (``ctexp.data.attention``); the values are stored in ``kinds``.
+
+    Here rather than beside the file's reader so that the attention report's records, which the registry
+    reads, load without torch.
+    """
+
+    PAD = 0
+    START = 1  # the tokenizer's BOS (LLaMA adds one; attention sinks gather there)
+    NUMBER = 2
+    OPERATOR = 3
+    WORD = 4  # any other question token
+    BOT = 5
+    THOUGHT = 6

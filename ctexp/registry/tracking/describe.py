@@ -16,6 +16,7 @@ import functools
 from collections.abc import Mapping
 from typing import Any
 
+from ctexp.analysis.attention import KIND_COLUMNS, AttentionReport
 from ctexp.analysis.groupings import grouping
 from ctexp.analysis.intervention import InterventionResult
 from ctexp.analysis.report import breakdown_section
@@ -83,6 +84,32 @@ def _describe_intervention(result: InterventionResult) -> str:
         lines.append(f"| {row.position} | {row.mode} | {row.n} | {_pct(row.accuracy)} | "
                      f"{_points(row.delta)}{interval} | {_pct(row.changed)} | {holm} |")
     lines += ["", f"**Config**: `{_config_line(result.config)}`", "", f"ctexp run `{result.run_id}`."]
+    return "\n".join(lines)
+
+
+@describe.register
+def _describe_attention(report: AttentionReport) -> str:
+    lens = (f" related to lens run `{report.run.id}` ({report.run.lens} lens, target `{report.run.target}`)"
+            if report.run else "")
+    lines = [
+        (f"**Attention** of store `{report.store}` (hash `{report.store_hash}`, {report.mode}, "
+         f"{report.problems:,} problems){lens}: mean mass by context kind over layers "
+         f"{', '.join(map(str, report.layers))}."),
+        "",
+        "| position | " + " | ".join(KIND_COLUMNS) + " |",
+        "|---" * (len(KIND_COLUMNS) + 1) + "|",
+    ]
+    for position in report.positions:
+        rows = [row for row in report.kinds if row.position == position]
+        means = [sum(row.mass[kind] for row in rows) / len(rows) for kind in KIND_COLUMNS]
+        lines.append(f"| {position} | " + " | ".join(f"{value:.3f}" for value in means) + " |")
+    if report.target:
+        lines += ["", "| position | correct | incorrect | difference [95% CI] |", "|---|---|---|---|"]
+        for row in report.target:
+            interval = "" if row.low is None or row.high is None else f" [{row.low:+.3f}, {row.high:+.3f}]"
+            difference = "-" if row.difference is None else f"{row.difference:+.3f}{interval}"
+            lines.append(f"| {row.position} | {_number(row.correct)} | {_number(row.incorrect)} | {difference} |")
+    lines += ["", f"ctexp run `{report.run_id}`."]
     return "\n".join(lines)
 
 

@@ -1,11 +1,12 @@
-"""What ctexp logs to MLflow under which names: flattened config parameters, a run's final metrics and an
-intervention's metrics."""
+"""What ctexp logs to MLflow under which names: flattened config parameters, a run's final metrics, an
+intervention's metrics and an attention analysis's."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
+from ctexp.analysis.attention import AttentionReport
 from ctexp.analysis.groupings import GROUPINGS
 from ctexp.analysis.intervention import CONTROL_KEY, InterventionResult
 from ctexp.analysis.result import GroupMetrics, RunResult
@@ -86,6 +87,23 @@ def intervention_metrics(result: InterventionResult) -> dict[str, float]:
             value = getattr(row, name)
             if value is not None:
                 metrics[f"intervene/{row.key}/{name}"] = float(value)
+    return metrics
+
+
+def attention_metrics(report: AttentionReport) -> dict[str, float]:
+    """An attention analysis's metrics under MLflow keys; None values are left out.
+
+    Keys: ``attention/l{layer}/p{position}/{kind}`` per mass row of the chosen layers and positions
+    (``pbot`` for bot), and with a lens run ``attention/p{position}/target_correct``, ``target_incorrect``
+    and ``target_difference``.
+    """
+    metrics = {f"attention/l{row.layer}/p{row.position}/{kind}": float(mass)
+               for row in report.kinds for kind, mass in row.mass.items()}
+    for contrast in report.target or []:
+        for name, value in (("correct", contrast.correct), ("incorrect", contrast.incorrect),
+                            ("difference", contrast.difference)):
+            if value is not None:
+                metrics[f"attention/p{contrast.position}/target_{name}"] = float(value)
     return metrics
 
 
