@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import subprocess
+import sys
 import time
 import traceback
 import uuid
@@ -23,7 +25,9 @@ import optuna
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
+from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, inspect, text
 
 from ctexp.analysis.attention import (
@@ -41,8 +45,9 @@ from ctexp.config import ExperimentConfig, build_config
 from ctexp.errors import RegistryError
 from ctexp.experiment.pipeline import run_experiment
 from ctexp.registry.db import Registry
-from ctexp.registry.engine import make_engine, mask_url, resolve_db_url
+from ctexp.registry.engine import make_engine, mask_url, migrations_dir, resolve_db_url
 from ctexp.registry.models import (
+    HEAD_REVISION,
     VERSION_TABLE,
     Base,
     GroupMetricsColumns,
@@ -152,6 +157,25 @@ def ctexp_only(name: str | None, type_: str, parent_names: dict) -> bool:
 
 # ---------------------------------------------------------------------------------------------------------
 # Schema
+
+
+def test_head_revision_constant_is_alembics_head() -> None:
+    """Opening a database compares with ``HEAD_REVISION`` rather than reading migrations/: a new migration
+    must be named there too, or every database would be upgraded and then reported behind."""
+    config = Config()
+    config.set_main_option("script_location", str(migrations_dir()))
+    config.set_main_option("path_separator", "os")
+    assert ScriptDirectory.from_config(config).get_heads() == [HEAD_REVISION] == [HEAD]
+
+
+def test_up_to_date_database_opens_without_alembic(db_url: str, tmp_path: Path) -> None:
+    """The read path of an up-to-date database imports no Alembic (seen in a fresh process)."""
+    Registry(db_url).close()
+    code = ("import sys; from ctexp.registry.db import Registry; "
+            f"Registry({db_url!r}).close(); print(sorted(m for m in sys.modules if m.startswith('alembic')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert done.stdout.strip() == "[]"
 
 
 def test_schema_from_empty_is_exactly_the_models(db_url: str) -> None:

@@ -23,10 +23,12 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar
 
-import numpy as np
 from pydantic import BaseModel, SerializerFunctionWrapHandler, model_serializer, model_validator
 
 from ctexp.records import Record
+
+if TYPE_CHECKING:
+    import numpy as np
 
 AXES = ("layer", "position")  # the key columns a grouping may use; every row model has one field per axis
 
@@ -138,6 +140,8 @@ class GroupIndex:
         Raises:
             ValueError: a value that is not one of its axis's levels.
         """
+        import numpy as np  # here, not at the top: the CLI reads the groupings' names without numpy
+
         shape = np.broadcast_shapes(*(np.shape(array) for array in values.values()))
         ranks = {axis: _ranks(self.levels[axis], np.asarray(array), axis) for axis, array in values.items()}
         ids = []
@@ -161,6 +165,8 @@ class GroupIndex:
 
 def _ranks(levels: list[int], values: np.ndarray, axis: str) -> np.ndarray:
     """The index of each value in ``levels`` (which need not be sorted)."""
+    import numpy as np
+
     if values.size == 0:
         return np.zeros(values.shape, dtype=np.int64)
     order = np.argsort(np.asarray(levels, dtype=np.int64), kind="stable")

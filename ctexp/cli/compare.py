@@ -19,16 +19,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ctexp.analysis.compare import METRICS, check_options, compare_runs
-from ctexp.analysis.comparison import Comparison, DeltaRow, PairComparison
 from ctexp.analysis.groupings import AXES, GROUPINGS, Grouping
 from ctexp.errors import ConfigError
 from ctexp.registry.locations import Locations
-from ctexp.registry.models import RunKind
-from ctexp.registry.readback import load_compared_runs, load_interventions, resolve_runs
+from ctexp.registry.records import RunKind
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+    from ctexp.analysis.comparison import Comparison, DeltaRow, PairComparison
 
 FORMATS = ("table", "json", "markdown", "csv")
 MARK = "*"
@@ -62,6 +61,10 @@ def compare(
 
     Example: ctexp compare identity-first-3f2a9c latest --metric top1 --plot compare.png
     """
+    # numpy and the registry's SQL load here, when the command runs, not when `ctexp --help` lists it
+    from ctexp.analysis.compare import METRICS, check_options, compare_runs
+    from ctexp.registry.readback import load_compared_runs, resolve_runs
+
     if output_format not in FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, not {output_format!r}")
     if metric not in METRICS:
@@ -123,6 +126,7 @@ def _compare_interventions(
     """Each intervention after the first against it, row by row; as tables or JSON."""
     from ctexp.analysis.intervention import compare_interventions
     from ctexp.cli.render import intervention_comparison_table
+    from ctexp.registry.readback import load_interventions
 
     if output_format not in ("table", "json"):
         raise ConfigError(f"interventions compare as --format table or json, not {output_format}")
@@ -322,13 +326,13 @@ def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [line(header), line(["---"] * len(header)), *(line(row) for row in rows)]
 
 
-CSV_COLUMNS = ("reference_run", "run", "paired", "metric", "table", *AXES, *DeltaRow.model_fields)
-
-
 def to_csv(result: Comparison) -> str:
     """The delta rows of every comparison, of every grouping (overall, by layer, ...), as CSV with a header."""
+    from ctexp.analysis.comparison import DeltaRow
+
+    columns = ("reference_run", "run", "paired", "metric", "table", *AXES, *DeltaRow.model_fields)
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(CSV_COLUMNS)), lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(columns)), lineterminator="\n")
     writer.writeheader()
     for pair in result.comparisons:
         for grouping in GROUPINGS:

@@ -14,7 +14,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ctexp.cli.app import print_json, stderr_console, stdout_console
 from ctexp.cli.options import DbOption, HomeOption, TrackingOption
-from ctexp.cli.render import control_line, rows_table
 from ctexp.config import DeviceChoice
 from ctexp.data.sources.choices import Precision
 from ctexp.errors import ConfigError
@@ -61,6 +60,7 @@ def intervene(
 
     Example: ctexp intervene --run latest --model ckpt/codi --base models/Llama-3.2-1B --positions 0-4
     """
+    from ctexp.cli.render import control_line, rows_table
     from ctexp.experiment.intervene import make_intervene_config, parse_modes, plan_intervention
     from ctexp.experiment.pipeline import resolve_device
     from ctexp.experiment.recorder import Recorder

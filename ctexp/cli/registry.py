@@ -34,13 +34,12 @@ from ctexp.cli.options import (
 )
 from ctexp.errors import ConfigError, RegistryError
 from ctexp.registry.locations import Locations
-from ctexp.registry.models import RunKind
-from ctexp.registry.queries import parse_since
-from ctexp.registry.records import RunRecord
+from ctexp.registry.records import RunKind
 
 if TYPE_CHECKING:
     from ctexp.analysis.attention import AttentionReport
     from ctexp.analysis.intervention import InterventionResult
+    from ctexp.registry.records import RunRecord
 
 # `ctexp best --by` choices, from the one definition of groupings (typer validates a StrEnum's values).
 ByChoice = StrEnum("ByChoice", [(name, name) for name in names(BREAKDOWNS)])
@@ -88,6 +87,8 @@ def runs(
 
     Example: ctexp runs --lens layer-position --sort test_top1 --limit 10
     """
+    from ctexp.registry.queries import parse_since  # SQLAlchemy: only the commands that read the database pay
+
     if limit < 1:
         raise ConfigError("--limit must be at least 1")
     with Locations.resolve(home, db_url).registry() as registry:

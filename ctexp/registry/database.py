@@ -14,13 +14,9 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Self, TypeVar
+from typing import TYPE_CHECKING, Self, TypeVar
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import func, select
+from sqlalchemy import func, inspect, select, text
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
@@ -36,7 +32,11 @@ from ctexp.registry.engine import (
     sqlite_foreign_keys_off,
     sqlite_path,
 )
-from ctexp.registry.models import VERSION_TABLE, Run
+from ctexp.registry.models import HEAD_REVISION, VERSION_TABLE, Run
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
 
 T = TypeVar("T")
 
@@ -97,10 +97,9 @@ class Database:
             return self._revision_of(connection)
 
     def head_revision(self) -> str:
-        """The newest schema revision this ctexp knows."""
-        head = self._scripts().get_current_head()
-        assert head is not None, "migrations/versions holds no revision"
-        return head
+        """The newest schema revision this ctexp knows (``models.HEAD_REVISION``, checked against Alembic's
+        scripts by a test): a constant, so that opening an up-to-date database never reads the scripts."""
+        return HEAD_REVISION
 
     def upgrade(self) -> None:
         """Bring the schema to this ctexp's head revision, one process at a time.
@@ -112,6 +111,8 @@ class Database:
             current = self._revision_of(connection)  # again: another process may have upgraded meanwhile
             self._check_known(current)
             if current != self.head_revision():
+                from alembic import command  # Alembic only to migrate: the read path compares revisions itself
+
                 config = self._alembic_config(connection)
                 self._translating("upgrade the schema", lambda: command.upgrade(config, "head"))
                 self._check_sqlite_foreign_keys(connection)
@@ -138,12 +139,16 @@ class Database:
             )
 
     def _scripts(self) -> ScriptDirectory:
+        from alembic.script import ScriptDirectory
+
         if self._script is None:
             self._script = ScriptDirectory.from_config(self._alembic_config())
         return self._script
 
     @staticmethod
     def _alembic_config(connection: Connection | None = None) -> Config:
+        from alembic.config import Config
+
         config = Config()
         config.set_main_option("script_location", str(migrations_dir()).replace("%", "%%"))
         config.set_main_option("path_separator", "os")
@@ -151,9 +156,16 @@ class Database:
             config.attributes["connection"] = connection  # env.py migrates on it, inside our lock
         return config
 
-    @staticmethod
-    def _revision_of(connection: Connection) -> str | None:
-        return MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE}).get_current_revision()
+    def _revision_of(self, connection: Connection) -> str | None:
+        """The revision in ctexp's version table, read with one query rather than through Alembic (whose
+        import alone costs a read-only command a tenth of a second); None when the table is absent or empty."""
+        if not inspect(connection).has_table(VERSION_TABLE):
+            return None
+        revisions = connection.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalars().all()
+        if len(revisions) > 1:  # ctexp's migrations are one line: several heads mean someone else's edits
+            raise RegistryError(f"the results database at {self.masked_url} holds several schema revisions "
+                                f"({', '.join(sorted(revisions))}) in {VERSION_TABLE}")
+        return revisions[0] if revisions else None
 
     @contextlib.contextmanager
     def _schema_lock(self) -> Iterator[Connection]:

@@ -32,11 +32,16 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+# The choices live with the records, free of SQLAlchemy, so the CLI can offer them without importing it.
+from ctexp.registry.records import METRICS, RunKind, RunStatus, SweepStatus
+
 TABLE_PREFIX = "ctexp_"
 VERSION_TABLE = "ctexp_alembic_version"  # Optuna and MLflow keep theirs in `alembic_version`
+# The newest migration, which these models describe. Opening a database compares its revision with this
+# constant instead of reading migrations/ every time; a test fails when a new migration is not named here.
+HEAD_REVISION = "0005_attention"
 
-# Headline and per-group metrics. Top-k rates are better high, loss is better low.
-METRICS = ("loss", "top1", "top5", "top10")
+# Headline and per-group metrics (METRICS, from records). Top-k rates are better high, loss is better low.
 BASELINES = ("prior", "identity")
 HIGHER_IS_BETTER = {"loss": False, "top1": True, "top5": True, "top10": True}
 TEST_SPLIT = "test"  # the evaluated data split that results are of (the `split` column of ctexp_results)
@@ -48,40 +53,6 @@ NAMING_CONVENTION = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
-
-
-class RunStatus(StrEnum):
-    """A run's life cycle, in MLflow's words so the two stores read alike."""
-
-    RUNNING = "RUNNING"
-    FINISHED = "FINISHED"
-    FAILED = "FAILED"
-    KILLED = "KILLED"
-    PRUNED = "PRUNED"  # a sweep's pruner stopped it; its epochs are kept, it has no test results
-
-
-class RunKind(StrEnum):
-    """What a run is: a trained lens, an intervention on a CODI model through a lens run's store, or an
-    attention analysis of a store (``ctexp attention``).
-
-    Rows of ``ctexp_runs`` of every kind keep the lens columns (``lens``, ``split``, ``target``, ...): an
-    intervention, or an attention analysis with a lens run, copies them from the lens run it is of, so
-    that queries written for lens runs keep working; an attention analysis without one holds ``-`` there.
-    A new kind is a new value here and a batch ALTER of the CHECK by a migration.
-    """
-
-    LENS = "lens"
-    INTERVENTION = "intervention"
-    ATTENTION = "attention"
-
-
-class SweepStatus(StrEnum):
-    """A sweep's life cycle, as the last command that worked on it left it."""
-
-    RUNNING = "RUNNING"
-    FINISHED = "FINISHED"  # the study holds its n_trials complete or pruned trials
-    STOPPED = "STOPPED"  # ended early (timeout, Ctrl-C); the same command resumes it
-    FAILED = "FAILED"  # trials kept failing; fix the cause and resume
 
 
 def _status_enum(kind: type[StrEnum], name: str) -> Enum:

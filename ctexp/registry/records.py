@@ -1,13 +1,51 @@
-"""What the registry's reads return: plain typed values, detached from any session."""
+"""What the registry's reads return: plain typed values, detached from any session, and the choices
+(status, kind) its rows hold. Free of SQLAlchemy, so that the CLI defines its options without it."""
 
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 from ctexp.analysis.result import GroupMetrics
 from ctexp.records import FrozenRecord
-from ctexp.registry.models import METRICS, RunKind, RunStatus, SweepStatus
+
+# Headline and per-group metrics, here rather than in ``models`` so that reading them needs no SQLAlchemy.
+METRICS = ("loss", "top1", "top5", "top10")
+
+
+class RunStatus(StrEnum):
+    """A run's life cycle, in MLflow's words so the two stores read alike."""
+
+    RUNNING = "RUNNING"
+    FINISHED = "FINISHED"
+    FAILED = "FAILED"
+    KILLED = "KILLED"
+    PRUNED = "PRUNED"  # a sweep's pruner stopped it; its epochs are kept, it has no test results
+
+
+class RunKind(StrEnum):
+    """What a run is: a trained lens, an intervention on a CODI model through a lens run's store, or an
+    attention analysis of a store (``ctexp attention``).
+
+    Rows of ``ctexp_runs`` of every kind keep the lens columns (``lens``, ``split``, ``target``, ...): an
+    intervention, or an attention analysis with a lens run, copies them from the lens run it is of, so
+    that queries written for lens runs keep working; an attention analysis without one holds ``-`` there.
+    A new kind is a new value here and a batch ALTER of the CHECK by a migration.
+    """
+
+    LENS = "lens"
+    INTERVENTION = "intervention"
+    ATTENTION = "attention"
+
+
+class SweepStatus(StrEnum):
+    """A sweep's life cycle, as the last command that worked on it left it."""
+
+    RUNNING = "RUNNING"
+    FINISHED = "FINISHED"  # the study holds its n_trials complete or pruned trials
+    STOPPED = "STOPPED"  # ended early (timeout, Ctrl-C); the same command resumes it
+    FAILED = "FAILED"  # trials kept failing; fix the cause and resume
 
 
 class RunRecord(FrozenRecord):
