@@ -27,6 +27,17 @@ from rich.progress import (
 from rich.text import Text
 
 from ctexp.cli.app import print_json, stdout_console
+from ctexp.cli.options import (
+    BaseOption,
+    BatchSizeOption,
+    DeviceOption,
+    DtypeOption,
+    LimitOption,
+    LoraAlphaOption,
+    LoraROption,
+    MaxAnswerTokensOption,
+    TokenizerDirOption,
+)
 from ctexp.config import DeviceChoice, EmptyPolicy, SplitRule, TargetRule, WorldConfig, validation_message
 from ctexp.data.sources.choices import AttentionMode, NormKind, Precision
 from ctexp.data.sources.spec import EVERY_SOURCE, PROBLEM_FILES, RECORDS_FORM, source_forms
@@ -50,17 +61,15 @@ def extract(
     ],
     data: Annotated[str, typer.Option(help=f"Problems: {source_forms(PROBLEM_FILES)} (a local datasets directory).")],
     out: Annotated[Path, typer.Option(help="Store directory to write (work goes to OUT.partial until done).")],
-    base: Annotated[
-        Path | None, typer.Option(help="Base model directory with config.json [the --model directory].")
-    ] = None,
-    tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer directory [the --base directory].")] = None,
-    limit: Annotated[int | None, typer.Option(help="Only the first N problems.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Problems per forward pass (sorted by length).")] = 16,
-    device: Annotated[DeviceChoice, typer.Option(help="auto, cpu or cuda.")] = DeviceChoice.AUTO,
-    dtype: Annotated[Precision, typer.Option(help="bf16 (as CODI runs) or fp32.")] = Precision.BF16,
-    lora_r: Annotated[int, typer.Option(help="LoRA rank r of the checkpoint.")] = 128,
-    lora_alpha: Annotated[float, typer.Option(help="LoRA alpha; merged scale alpha / r.")] = 32.0,
-    max_answer_tokens: Annotated[int, typer.Option(help="Greedy answer decoding stops after this many tokens.")] = 256,
+    base: BaseOption = None,
+    tokenizer: TokenizerDirOption = None,
+    limit: LimitOption = None,
+    batch_size: BatchSizeOption = 16,
+    device: DeviceOption = DeviceChoice.AUTO,
+    dtype: DtypeOption = Precision.BF16,
+    lora_r: LoraROption = 128,
+    lora_alpha: LoraAlphaOption = 32.0,
+    max_answer_tokens: MaxAnswerTokensOption = 256,
     positions: Annotated[int, typer.Option(help="Latent steps T (continuous thoughts).")] = 6,
     shard_size: Annotated[int, typer.Option(help="Problems per shard: the unit of resumption and of memory.")] = 256,
     attention: Annotated[
@@ -256,7 +265,7 @@ def align(
     target: Annotated[TargetRule, typer.Option(help="first, middle, last, informative or all.")] = TargetRule.FIRST,
     empty: Annotated[EmptyPolicy, typer.Option(help="skip or nearest.")] = EmptyPolicy.SKIP,
     positions: Annotated[int | None, typer.Option(help="Number of CT positions T [6, or the store's].")] = None,
-    limit: Annotated[int | None, typer.Option(help="Only the first N problems.")] = None,
+    limit: LimitOption = None,
     seed: Annotated[int, typer.Option(help="Seed of the train/val/test split (IDF uses the train split).")] = 0,
     output_format: Annotated[str, typer.Option("--format", help="table or jsonl.")] = "table",
 ) -> None:

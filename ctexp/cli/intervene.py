@@ -13,7 +13,20 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ctexp.cli.app import print_json, stderr_console, stdout_console
-from ctexp.cli.options import DbOption, HomeOption, TrackingOption
+from ctexp.cli.options import (
+    BaseOption,
+    BatchSizeOption,
+    DbOption,
+    DeviceOption,
+    DtypeOption,
+    HomeOption,
+    LimitOption,
+    LoraAlphaOption,
+    LoraROption,
+    MaxAnswerTokensOption,
+    TokenizerDirOption,
+    TrackingOption,
+)
 from ctexp.config import DeviceChoice
 from ctexp.data.sources.choices import Precision
 from ctexp.errors import ConfigError
@@ -29,8 +42,8 @@ MODES_HELP = "Comma list of none, decoded, target, mean, zero, swap, noise (none
 def intervene(
     run: Annotated[str, typer.Option(help="The lens run (id, id prefix, name, MLflow id or latest) on a CODI store.")],
     model: Annotated[Path, typer.Option(help="CODI checkpoint directory (or file) the run's store was extracted from.")],
-    base: Annotated[Path | None, typer.Option(help="Base model directory with config.json [the --model directory].")] = None,
-    tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer directory [the --base directory].")] = None,
+    base: BaseOption = None,
+    tokenizer: TokenizerDirOption = None,
     positions: Annotated[
         str | None, typer.Option(help="Store positions to replace: 0-4, 1,3 [every position the site takes].")
     ] = None,
@@ -40,14 +53,14 @@ def intervene(
     lens_layer: Annotated[
         int | None, typer.Option(help="Layer the lens decodes for decoded [the run's best at each position].")
     ] = None,
-    limit: Annotated[int | None, typer.Option(help="Only the first N problems.")] = None,
+    limit: LimitOption = None,
     problems: Annotated[str, typer.Option(help="test (the run's test problems) or all (the store's).")] = "test",
-    batch_size: Annotated[int, typer.Option(help="Problems per forward pass (sorted by length).")] = 16,
-    device: Annotated[DeviceChoice, typer.Option(help="auto, cpu or cuda.")] = DeviceChoice.AUTO,
-    dtype: Annotated[Precision, typer.Option(help="bf16 (as CODI runs) or fp32.")] = Precision.BF16,
-    lora_r: Annotated[int, typer.Option(help="LoRA rank r of the checkpoint.")] = 128,
-    lora_alpha: Annotated[float, typer.Option(help="LoRA alpha; merged scale alpha / r.")] = 32.0,
-    max_answer_tokens: Annotated[int, typer.Option(help="Greedy answer decoding stops after this many tokens.")] = 256,
+    batch_size: BatchSizeOption = 16,
+    device: DeviceOption = DeviceChoice.AUTO,
+    dtype: DtypeOption = Precision.BF16,
+    lora_r: LoraROption = 128,
+    lora_alpha: LoraAlphaOption = 32.0,
+    max_answer_tokens: MaxAnswerTokensOption = 256,
     seed: Annotated[int, typer.Option(help="Seed of swap's derangement, noise and the bootstrap.")] = 0,
     name: Annotated[str | None, typer.Option(help="A name for the intervention.")] = None,
     home: HomeOption = None,

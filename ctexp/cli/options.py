@@ -17,7 +17,8 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from ctexp.config import ConfigField, config_fields
+from ctexp.config import ConfigField, DeviceChoice, config_fields
+from ctexp.data.sources.choices import Precision
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -39,6 +40,22 @@ LensFilter = Annotated[str | None, typer.Option("--lens", help="Only runs of thi
 SplitFilter = Annotated[str | None, typer.Option("--split", help="Only runs with this split rule.")]
 TargetFilter = Annotated[str | None, typer.Option("--target", help="Only runs with this target rule.")]
 RunArgument = Annotated[str, typer.Argument(help="A run id, a unique id prefix, a run name, an MLflow run id, or latest.")]
+
+
+# Options of the commands that run a CODI checkpoint again (extract, intervene): declared once.
+BaseOption = Annotated[
+    Path | None, typer.Option("--base", help="Base model directory with config.json [the --model directory].")
+]
+TokenizerDirOption = Annotated[Path | None, typer.Option("--tokenizer", help="Tokenizer directory [the --base directory].")]
+LimitOption = Annotated[int | None, typer.Option("--limit", help="Only the first N problems.")]
+BatchSizeOption = Annotated[int, typer.Option("--batch-size", help="Problems per forward pass (sorted by length).")]
+DeviceOption = Annotated[DeviceChoice, typer.Option("--device", help="auto, cpu or cuda.")]
+DtypeOption = Annotated[Precision, typer.Option("--dtype", help="bf16 (as CODI runs) or fp32.")]
+LoraROption = Annotated[int, typer.Option("--lora-r", help="LoRA rank r of the checkpoint.")]
+LoraAlphaOption = Annotated[float, typer.Option("--lora-alpha", help="LoRA alpha; merged scale alpha / r.")]
+MaxAnswerTokensOption = Annotated[
+    int, typer.Option("--max-answer-tokens", help="Greedy answer decoding stops after this many tokens.")
+]
 
 
 OVERRIDES_PARAMETER = "overrides"
