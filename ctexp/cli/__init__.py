@@ -1,16 +1,13 @@
 """The ``ctexp`` command line: parse, call the library, print. No experiment logic lives here.
 
 One module per command group registers its commands onto the app (``app.py``), whose one handler
-turns library errors (``CtexpError``) into an ``Error: ...`` line and the error's exit code.
+turns library errors (``CtexpError``) into an ``Error: ...`` line and the error's exit code. The app
+imports a command's module only when the command is asked for (``app.COMMAND_MODULES``).
 """
 
 from __future__ import annotations
 
-from ctexp.cli import attention, compare, data, intervene, registry, run, sweep
 from ctexp.cli.app import app
-
-for _group in (run, data, registry, sweep, compare, intervene, attention):
-    _group.register(app)
 
 
 def main() -> None:
