@@ -80,7 +80,7 @@ class Subset(StrEnum):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False, defer_build=True)
 
 
 # The metadata ``setting`` and ``table`` keep in a field's json_schema_extra (``config_fields`` reads it).

@@ -13,10 +13,10 @@ from pydantic import BaseModel, ConfigDict
 class Record(BaseModel):
     """A typed record that rejects unknown fields."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
 
 class FrozenRecord(BaseModel):
     """A typed record that rejects unknown fields and cannot be changed after validation."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)

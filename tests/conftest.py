@@ -16,6 +16,15 @@ from typer.testing import CliRunner
 
 from ctexp.cli import app
 
+
+def app_command(name: str):
+    """The click command ``ctexp NAME``, through click's lookup (the app loads command modules on demand)."""
+    import typer
+
+    group = typer.main.get_command(app)
+    return group.get_command(typer.Context(group), name)  # type: ignore[attr-defined]
+
+
 # The PostgreSQL tests run wherever a server answers: CTEXP_TEST_POSTGRES_URL, else the local one (trust auth).
 LOCAL_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 POSTGRES_URL = os.environ.get("CTEXP_TEST_POSTGRES_URL") or LOCAL_POSTGRES_URL

@@ -8,14 +8,28 @@ from pathlib import Path
 import typer
 
 from ctexp.cli import app
+from ctexp.cli.app import COMMAND_MODULES, module_commands
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
 
+def commands(group) -> dict:
+    """A group's commands by name, through click's listing (the app loads its command modules on demand)."""
+    context = typer.Context(group)
+    return {name: group.get_command(context, name) for name in group.list_commands(context)}
+
+
 def command_names() -> list[str]:
-    group = typer.main.get_command(app)
-    return sorted(group.commands)  # type: ignore[attr-defined]
+    return sorted(commands(typer.main.get_command(app)))
+
+
+def test_the_command_table_lists_what_the_modules_define():
+    """Each command module defines exactly the commands ``COMMAND_MODULES`` names for it."""
+    for module in set(COMMAND_MODULES.values()):
+        listed = {name for name, owner in COMMAND_MODULES.items() if owner == module}
+        assert set(module_commands(module)) == listed, module
+    assert {"run", "runs", "db", "attention"} <= set(command_names())
 
 
 def test_every_command_has_a_readme_section_with_an_example():
@@ -26,7 +40,7 @@ def test_every_command_has_a_readme_section_with_an_example():
 
 def leaf_commands(group, prefix: str = "ctexp"):
     """(full name, command) for every command, descending into groups such as ``ctexp db``."""
-    for name, command in group.commands.items():
+    for name, command in commands(group).items():
         if hasattr(command, "commands"):
             yield from leaf_commands(command, f"{prefix} {name}")
         else:

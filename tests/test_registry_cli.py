@@ -144,6 +144,18 @@ def test_report_regenerates_the_reference_tables_from_the_database(reg: Cli, tmp
     assert "report/report.md" in {f.path for f in client.list_artifacts(shown["run"]["mlflow_run_id"], "report")}
 
 
+def test_report_without_figures_writes_the_markdown_alone(reg: Cli, tmp_path: Path):
+    out = tmp_path / "quick.md"
+    assert f"wrote {out}" in reg("report", "second", "--out", str(out), "--no-figures").stdout
+    text = out.read_text()
+    assert "### Performance by Position" in text and "## Figures" not in text
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["quick.md"]
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{reg.home}/mlflow.db")
+    assert client.list_artifacts(reg.json("show", "second")["run"]["mlflow_run_id"], "report") == []
+
+
 def test_unknown_and_ambiguous_runs_are_one_line(reg: Cli):
     reg("show", "no-such-run", code=8)
     reg("report", "no-such-run", code=8)

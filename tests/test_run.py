@@ -14,7 +14,7 @@ from ctexp.cli import app
 from ctexp.config import ExperimentConfig, config_fields
 from ctexp.data.sources.world import position_signal, rotated_positions
 from ctexp.lens.kinds import Lens
-from tests.conftest import SMALL_WORLD
+from tests.conftest import SMALL_WORLD, app_command
 
 STATES = 3  # SMALL_WORLD: 2 layers -> hidden states 0..2
 HIDDEN = 16
@@ -234,13 +234,11 @@ def flat(data: dict, prefix: str = "") -> dict:
 
 
 def test_every_config_field_is_exactly_one_flag_of_run():
-    import typer
-
     keys = list(flat(ExperimentConfig().model_dump(mode="json")))
     fields = config_fields()
     assert [field.key for field in fields] == keys  # every field declared with its metadata, once
     assert {field.key for field in fields if field.flag is None} == NOT_FLAGS
-    run = typer.main.get_command(app).commands["run"]  # type: ignore[attr-defined]
+    run = app_command("run")
     flags = sorted(param.name for param in run.params if param.name not in RUN_OWN)
     assert flags == sorted(field.flag for field in fields if field.flag is not None)
     assert set(NON_DEFAULTS) == set(keys) - NOT_FLAGS

@@ -22,8 +22,7 @@ import optuna
 import pytest
 from sqlalchemy import create_engine, text
 
-from ctexp.cli import app
-from tests.conftest import Cli, needs_postgres
+from tests.conftest import Cli, app_command, needs_postgres
 
 WORLD = ["--world-problems", "120", "--world-layers", "2", "--world-hidden", "16"]
 SWEEP = [*WORLD, "--epochs", "6", "--patience", "2"]
@@ -386,9 +385,7 @@ def test_the_example_search_file_is_valid(tmp_path: Path) -> None:
 
 
 def test_sweep_takes_the_experiment_flags_of_run() -> None:
-    import typer
-
-    commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
+    commands = {name: app_command(name) for name in ("run", "sweep", "sweeps")}
     run_flags = {param.name for param in commands["run"].params} - {"dry_run", "as_json", "seed", "name"}
     assert run_flags <= {param.name for param in commands["sweep"].params}
     assert "Example: ctexp sweep" in commands["sweep"].help and "Example: ctexp sweeps" in commands["sweeps"].help

@@ -1,15 +1,21 @@
-"""The Typer app, its one error handler at the edge, and the consoles every command prints with.
+"""The Typer app, its one error handler at the edge, its command table, and the consoles every command prints with.
 
 Errors raised by the library (``CtexpError``) and usage errors become one ``Error: ...`` line on
 stderr and the error's exit code; ``--debug`` (or ``CTEXP_DEBUG=1``) shows the traceback instead.
+
+Commands load lazily: ``COMMAND_MODULES`` names the module that defines each command, and ``ctexp
+runs`` imports ``ctexp.cli.registry`` alone (``--help`` lists them all, so it imports every command
+module, each of which keeps its heavy libraries inside its functions).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
 import sys
+from difflib import get_close_matches
 from typing import Annotated, Any
 
 import typer
@@ -17,6 +23,28 @@ from rich.console import Console
 from typer.core import TyperGroup
 
 from ctexp.errors import CtexpError
+
+# Command name -> the module whose ``register(app)`` defines it, in the order ``--help`` lists them.
+COMMAND_MODULES: dict[str, str] = {
+    "run": "ctexp.cli.run",
+    "world": "ctexp.cli.data",
+    "align": "ctexp.cli.data",
+    "extract": "ctexp.cli.data",
+    "import": "ctexp.cli.data",
+    "runs": "ctexp.cli.registry",
+    "show": "ctexp.cli.registry",
+    "best": "ctexp.cli.registry",
+    "report": "ctexp.cli.registry",
+    "ui": "ctexp.cli.registry",
+    "delete": "ctexp.cli.registry",
+    "db": "ctexp.cli.registry",
+    "sweep": "ctexp.cli.sweep",
+    "sweeps": "ctexp.cli.sweep",
+    "compare": "ctexp.cli.compare",
+    "intervene": "ctexp.cli.intervene",
+    "attention": "ctexp.cli.attention",
+}
+
 
 # Libraries whose log lines (MLflow's "Creating initial MLflow database tables...", Alembic's migration
 # steps, Optuna's "A new study created") would land between ctexp's progress bar and its tables.
@@ -39,8 +67,38 @@ def route_third_party_logs(debug: bool) -> None:
         logging.getLogger(name).setLevel(level)
 
 
+def module_commands(module_name: str) -> dict[str, Any]:
+    """The click commands that ``module_name``'s ``register(app)`` defines, by name."""
+    module = importlib.import_module(module_name)
+    own = typer.Typer(rich_markup_mode=None, pretty_exceptions_enable=False, add_completion=False)
+    module.register(own)
+    return dict(typer.main.get_group(own).commands)
+
+
 class CtexpGroup(TyperGroup):
-    """One error handler at the edge, for every command (tests through CliRunner get it too)."""
+    """One error handler at the edge, for every command (tests through CliRunner get it too), and commands
+    loaded from ``COMMAND_MODULES`` when first asked for."""
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        return list(COMMAND_MODULES)
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        if cmd_name not in self.commands and cmd_name in COMMAND_MODULES:
+            loaded = module_commands(COMMAND_MODULES[cmd_name])
+            if cmd_name not in loaded:
+                raise RuntimeError(f"{COMMAND_MODULES[cmd_name]} defines no command {cmd_name!r}; fix COMMAND_MODULES")
+            for name, command in loaded.items():
+                self.commands.setdefault(name, command)
+        return self.commands.get(cmd_name)
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        try:
+            return super().resolve_command(ctx, args)
+        except typer.TyperException as error:  # a usage error: suggest among every command, loaded or not
+            matches = get_close_matches(args[0], list(COMMAND_MODULES)) if args else []
+            if matches and isinstance(getattr(error, "message", None), str) and "Did you mean" not in error.message:
+                error.message = f"{error.message.rstrip('.')}. Did you mean {', '.join(map(repr, matches))}?"
+            raise
 
     def main(self, args: Any = None, prog_name: Any = None, complete_var: Any = None,
              standalone_mode: bool = True, **extra: Any) -> Any:

@@ -242,6 +242,9 @@ def best(
 def report(
     run: RunArgument,
     out: Annotated[Path | None, typer.Option(help="Markdown file to write [HOME/runs/RUN_ID/report.md].")] = None,
+    no_figures: Annotated[bool, typer.Option(
+        "--no-figures", help="The Markdown alone: draw no figures and log nothing to MLflow (quick, at the terminal).",
+    )] = False,
     home: HomeOption = None,
     db_url: DbOption = None,
     tracking_uri: TrackingOption = None,
@@ -251,7 +254,6 @@ def report(
 
     Example: ctexp report latest --out report.md
     """
-    from ctexp.analysis.figures import save_figures
     from ctexp.analysis.report import render_report
     from ctexp.analysis.result import RunResult
 
@@ -259,10 +261,10 @@ def report(
     with locations.registry() as registry:
         record = registry.resolve(run)
         if record.kind is RunKind.INTERVENTION:
-            _report_intervention(locations, record, registry.intervention(record.id), out)
+            _report_intervention(locations, record, registry.intervention(record.id), out, not no_figures)
             return
         if record.kind is RunKind.ATTENTION:
-            _report_attention(locations, record, registry.attention(record.id), out)
+            _report_attention(locations, record, registry.attention(record.id), out, not no_figures)
             return
         epochs = registry.epochs(record.id)
         groups = {name: [row.as_group_metrics() for row in rows] for name, rows in registry.breakdowns(record.id).items()}
@@ -270,39 +272,59 @@ def report(
         raise RegistryError(f"run {record.id[:12]} is {record.status.value}; only a finished run has results to report")
     run_dir = locations.home / "runs" / record.id
     saved = RunResult.model_validate_json((run_dir / "result.json").read_text()) if (run_dir / "result.json").is_file() else None
-    target = (out or run_dir / "report.md").resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    figures = save_figures(saved, target.parent) if saved is not None else []
+    target = _report_path(locations, record, out)
+    figures: list[Path] = []
+    if saved is not None and not no_figures:
+        from ctexp.analysis.figures import save_figures  # matplotlib: only a report with figures pays
+
+        figures = save_figures(saved, target.parent)
     text = render_report(record, epochs, groups, saved.samples if saved else [], [figure.name for figure in figures])
-    _write_report(locations, record, target, text, figures)
+    _write_report(locations, record, target, text, figures, logged=not no_figures)
 
 
-def _report_intervention(locations: Locations, record: RunRecord, result: InterventionResult, out: Path | None) -> None:
-    from ctexp.analysis.figures import save_intervention_figure
-    from ctexp.analysis.report import render_intervention_report
-
+def _report_path(locations: Locations, record: RunRecord, out: Path | None) -> Path:
+    """Where the report goes (its directory made): ``out``, or the run directory's ``report.md``."""
     target = (out or locations.home / "runs" / record.id / "report.md").resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
-    figure = save_intervention_figure(result, target.parent)
-    _write_report(locations, record, target, render_intervention_report(record, result, [figure.name]), [figure])
+    return target
 
 
-def _report_attention(locations: Locations, record: RunRecord, report: AttentionReport, out: Path | None) -> None:
+def _report_intervention(
+    locations: Locations, record: RunRecord, result: InterventionResult, out: Path | None, with_figures: bool,
+) -> None:
+    from ctexp.analysis.report import render_intervention_report
+
+    target = _report_path(locations, record, out)
+    figures = []
+    if with_figures:
+        from ctexp.analysis.figures import save_intervention_figure
+
+        figures = [save_intervention_figure(result, target.parent)]
+    text = render_intervention_report(record, result, [figure.name for figure in figures])
+    _write_report(locations, record, target, text, figures, logged=with_figures)
+
+
+def _report_attention(
+    locations: Locations, record: RunRecord, report: AttentionReport, out: Path | None, with_figures: bool,
+) -> None:
     from ctexp.analysis.attention import save_attention_figure
     from ctexp.analysis.report import render_attention_report
 
-    target = (out or locations.home / "runs" / record.id / "report.md").resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    figure = save_attention_figure(report, target.parent)
-    _write_report(locations, record, target, render_attention_report(record, report, [figure.name]), [figure])
+    target = _report_path(locations, record, out)
+    figures = [save_attention_figure(report, target.parent)] if with_figures else []
+    text = render_attention_report(record, report, [figure.name for figure in figures])
+    _write_report(locations, record, target, text, figures, logged=with_figures)
 
 
-def _write_report(locations: Locations, record: RunRecord, target: Path, text: str, figures: list[Path]) -> None:
-    """Write the report under a temporary name and rename it into place; log it and its figures to MLflow."""
+def _write_report(
+    locations: Locations, record: RunRecord, target: Path, text: str, figures: list[Path], *, logged: bool,
+) -> None:
+    """Write the report under a temporary name and rename it into place; log it and its figures to MLflow
+    (when ``logged``)."""
     with tempfile.NamedTemporaryFile("w", dir=target.parent, delete=False, suffix=".tmp", encoding="utf-8") as handle:
         handle.write(text)
     Path(handle.name).replace(target)
-    if record.mlflow_run_id:
+    if logged and record.mlflow_run_id:
         tracker = locations.tracker()
         for path in [target, *figures]:
             tracker.log_artifact(record.mlflow_run_id, path, "report")

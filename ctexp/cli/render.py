@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 from rich.table import Table
 
 from ctexp.analysis.groupings import GROUPINGS, Grouping
-from ctexp.analysis.intervention import InterventionComparison, InterventionResult, InterventionRow
-from ctexp.analysis.result import EpochMetrics, GroupMetrics, RunResult
-from ctexp.data.align import AlignedProblem
-from ctexp.data.tokenizers import Tokenizer
+
+if TYPE_CHECKING:  # types only: ``ctexp show`` of a lens run loads no numpy
+    from ctexp.analysis.intervention import InterventionComparison, InterventionResult, InterventionRow
+    from ctexp.analysis.result import EpochMetrics, GroupMetrics, RunResult
+    from ctexp.data.align import AlignedProblem
+    from ctexp.data.tokenizers import Tokenizer
 
 
 def pct(value: float | None) -> str:

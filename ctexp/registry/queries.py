@@ -1,33 +1,21 @@
 """The registry's reads: runs by reference or filter, epochs, results, the best run per group, an
-intervention's result and an attention analysis's report."""
+intervention's result and an attention analysis's report.
+
+The records of interventions and attention analyses (numpy, their statistics) are imported by the two
+reads that return them, so that ``ctexp runs``, ``show`` and ``best`` load neither.
+"""
 
 from __future__ import annotations
 
 import re
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Row, Select, and_, func, select
 from sqlalchemy.orm import Session
 
-from ctexp.analysis.attention import (
-    BOT,
-    KIND_COLUMNS,
-    AttentionReport,
-    KindMass,
-    TargetContrast,
-    TokenMass,
-    TopTokens,
-)
 from ctexp.analysis.groupings import BREAKDOWNS, Grouping, grouping, names
-from ctexp.analysis.intervention import (
-    CONTROL_KEY,
-    InterventionResult,
-    InterventionRow,
-    ProblemAnswer,
-    summarize_control,
-)
 from ctexp.analysis.result import EpochMetrics
 from ctexp.errors import ConfigError, RegistryError
 from ctexp.registry.database import Database, require_run
@@ -50,6 +38,10 @@ from ctexp.registry.models import (
     RunStatus,
 )
 from ctexp.registry.records import BestRow, ResultRow, RunRecord
+
+if TYPE_CHECKING:
+    from ctexp.analysis.attention import AttentionReport
+    from ctexp.analysis.intervention import InterventionResult, InterventionRow, ProblemAnswer
 
 MIN_PREFIX = 4
 RUN_SORTS = ("started_at", *HEADLINE_METRICS)
@@ -253,6 +245,8 @@ class RunQueries(Database):
         Raises:
             RegistryError: the run is unknown, not an intervention, or not finished.
         """
+        from ctexp.analysis.intervention import CONTROL_KEY, InterventionResult, ProblemAnswer, summarize_control
+
         with self._session(f"read the intervention {run_id}") as session:
             run = require_run(session, run_id)
             if run.kind is not RunKind.INTERVENTION:
@@ -279,6 +273,16 @@ class RunQueries(Database):
         Raises:
             RegistryError: the run is unknown, not an attention analysis, or not finished.
         """
+        from ctexp.analysis.attention import (
+            BOT,
+            KIND_COLUMNS,
+            AttentionReport,
+            KindMass,
+            TargetContrast,
+            TokenMass,
+            TopTokens,
+        )
+
         with self._session(f"read the attention analysis {run_id}") as session:
             run = require_run(session, run_id)
             if run.kind is not RunKind.ATTENTION:
@@ -360,6 +364,8 @@ def _kind(text: str) -> RunKind:
 
 
 def _intervention_row(row: InterventionRowResult, answers: list[ProblemAnswer]) -> InterventionRow:
+    from ctexp.analysis.intervention import InterventionRow
+
     ci = None if row.ci_low is None or row.ci_high is None else (row.ci_low, row.ci_high)
     return InterventionRow(
         position="all" if row.position is None else row.position, mode=row.mode, site=row.site, layer=row.layer,

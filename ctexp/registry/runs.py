@@ -6,17 +6,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from ctexp.analysis.attention import BOT, AttentionReport, Row
 from ctexp.analysis.groupings import AXES, BREAKDOWNS, Grouping
-from ctexp.analysis.intervention import CONTROL_KEY, InterventionResult, InterventionRow, ProblemAnswer
 from ctexp.analysis.result import EpochMetrics, RunResult
-from ctexp.config import ExperimentConfig
 from ctexp.errors import RegistryError
 from ctexp.registry.database import Database, now, require_run, unknown_run
 from ctexp.registry.models import (
@@ -36,6 +33,11 @@ from ctexp.registry.models import (
     RunKind,
     RunStatus,
 )
+
+if TYPE_CHECKING:  # the registry's read path (every command's Registry) loads none of them: numpy, the config models
+    from ctexp.analysis.attention import AttentionReport, Row
+    from ctexp.analysis.intervention import InterventionResult, InterventionRow, ProblemAnswer
+    from ctexp.config import ExperimentConfig
 
 
 class RunWrites(Database):
@@ -166,6 +168,8 @@ class RunWrites(Database):
         Raises:
             RegistryError: the run was never started or is not an intervention, or the database fails.
         """
+        from ctexp.analysis.intervention import CONTROL_KEY
+
         def work(session: Session) -> None:
             run = require_run(session, result.run_id)
             if run.kind is not RunKind.INTERVENTION:
@@ -352,6 +356,8 @@ LENS_COLUMNS = ("lens", "adapter", "split", "target", "layers", "positions")
 
 def position_number(position: Row) -> int:
     """A report position as the attention tables hold it: bot is ``BOT_POSITION`` (-1)."""
+    from ctexp.analysis.attention import BOT
+
     return BOT_POSITION if position == BOT else int(position)
 
 
