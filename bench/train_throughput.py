@@ -13,11 +13,16 @@ throughput does not depend on the values. In one process and one run it measures
       ``[rows, d] @ [d, V]`` and the gradient back to the input ``[rows, V] @ [V, d]``;
   (c) reference: the straightforward version: one ``nn.Linear`` per layer called in a Python loop,
       a ``DataLoader`` over per-sample items, full float32 logits per layer and ``F.cross_entropy``,
-      ``torch.optim.AdamW`` with its defaults, ``clip_grad_norm_``, ``float(loss)`` every step.
+      ``torch.optim.AdamW`` with its defaults, ``clip_grad_norm_``, ``float(loss)`` every step;
+  (d) the optimizer's floor: the bytes one step must move over the lens parameters (the parameters
+      and both AdamW moments, float32, each read and written once; a dense gradient is not part of
+      it: ~1.61 GB for the reference's 16 translators of 2048 x 2048) at the device's copy bandwidth,
+      measured here by copying a tensor of that size.
 
-Each is warmed up, then timed step by step; the numbers are medians. The last line is
-``fraction_of_floor=<a/b> speedup_vs_reference=<a/c> states_per_s=<a>`` (rates, so a/b is the
-floor's time over ctexp's). ``--full`` also trains the reference's full size (76,800 states, 8
+A step needs both the products and that pass, so the bound is (b) + (d). Each is warmed up, then
+timed step by step; the numbers are medians. The last line is ``fraction_of_floor=<a/b>
+speedup_vs_reference=<a/c> states_per_s=<a> fraction_of_bound=<(b+d)/a> bound=<products|optimizer>``
+(rates, so a/b is the floor's time over ctexp's; ``bound`` names the larger part). ``--full`` also trains the reference's full size (76,800 states, 8
 epochs) with ``train_lens`` and prints its wall time (the reference took 13 min 15 s; for a GPU).
 
     python bench/train_throughput.py                  # about a minute on 2 CPU cores
@@ -105,10 +110,17 @@ def _measure(args: argparse.Namespace, device: torch.device, head: Head, dtype: 
     print(f"(c) reference:      {c_time * 1e3:9.1f} ms/step  {c_rate:10.1f} states/s  "
           f"{2 * gemm / c_time / 1e9:7.1f} GFLOP/s (same products, fp32)")
 
+    d_time, bandwidth, moved = _optimizer_floor(layers, hidden, steps, device)
+    print(f"(d) optimizer pass: {d_time * 1e3:9.1f} ms/step  {moved / 1e9:.2f} GB over the lens parameters "
+          f"at {bandwidth / 1e9:.1f} GB/s (device copy)")
+    bound = b_time + d_time
+    print(f"bound (b)+(d):      {bound * 1e3:9.1f} ms/step")
+
     if args.full:
         _full(head, hidden, vocab, layers, args.batch_size, args.precision, device)
     print(f"load average (1 min) {load} before, {_load()} after; cpus {os.cpu_count()}")
-    print(f"fraction_of_floor={a_rate / b_rate:.3f} speedup_vs_reference={a_rate / c_rate:.2f} states_per_s={a_rate:.1f}")
+    print(f"fraction_of_floor={a_rate / b_rate:.3f} speedup_vs_reference={a_rate / c_rate:.2f} states_per_s={a_rate:.1f} "
+          f"fraction_of_bound={bound / a_time:.3f} bound={'products' if b_time >= d_time else 'optimizer'}")
 
 
 def _step_time(head: Head, data: SplitTensors, args: argparse.Namespace, per_step: int, steps: int,
@@ -132,6 +144,22 @@ def _floor_time(head: Head, dtype: torch.dtype, rows: int, steps: int, device: t
         torch.mm(g, unembed)
 
     return _median_time(products, steps, device)
+
+
+def optimizer_bytes(layers: int, hidden: int) -> int:
+    """Bytes one AdamW step must move over a ``layer`` lens: parameters and both moments, fp32, read and written."""
+    parameters = layers * hidden * hidden + layers * hidden  # translators and biases
+    return parameters * 4 * 3 * 2
+
+
+def _optimizer_floor(layers: int, hidden: int, steps: int, device: torch.device) -> tuple[float, float, int]:
+    """(d): seconds for the optimizer's bytes at the copy bandwidth measured now; the bandwidth; the bytes."""
+    moved = optimizer_bytes(layers, hidden)
+    source = torch.ones(moved // 8, dtype=torch.float32, device=device)  # a copy reads half and writes half
+    target = torch.empty_like(source)
+    seconds = _median_time(lambda _: target.copy_(source), max(3, steps), device)
+    bandwidth = 2 * source.numel() * source.element_size() / seconds
+    return moved / bandwidth, bandwidth, moved
 
 
 def _store(hidden: int, vocab: int, layers: int) -> Store:
