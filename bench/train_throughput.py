@@ -48,6 +48,7 @@ from ctexp.data.store import NormSpec, Store, StoreMeta
 from ctexp.lens.head import Head
 from ctexp.lens.kinds import Lens
 from ctexp.lens.train import SplitTensors, TrainStep, batches, cpu_threads, resolve_dtype, train_lens, training_threads
+from ctexp.lens.update import UPDATE_MODES, resolve_update_mode
 
 HIDDEN, VOCAB, LAYERS, POSITIONS = 2048, 128_256, 16, 6
 FULL_STATES, FULL_EPOCHS = 76_800, 8
@@ -59,6 +60,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="training states per step (as ctexp's)")
     parser.add_argument("--samples", type=int, default=None, help="samples timed per measurement (default: ~1 min)")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
+    parser.add_argument("--update", choices=UPDATE_MODES, default="auto",
+                        help="(a)'s optimiser mode (ctexp.lens.update; auto: compiled on CUDA, dense on CPU)")
     parser.add_argument("--reference-steps", type=int, default=None, help="steps of (c) to time (default: 4)")
     parser.add_argument("--full", action="store_true", help="also train 76,800 states x 8 epochs with train_lens")
     parser.add_argument("--hidden", type=int, default=HIDDEN)
@@ -91,7 +94,8 @@ def _measure(args: argparse.Namespace, device: torch.device, head: Head, dtype: 
     gemm = 2.0 * rows * hidden * vocab  # one unembedding product (multiply-adds x 2)
     print(f"shape: hidden {hidden}, vocab {vocab:,}, {layers} layers, {POSITIONS} positions, layer lens")
     print(f"batch: {args.batch_size} states/step -> {per_step} samples x {layers} layers = {rows} rows; "
-          f"device {device}, threads {torch.get_num_threads()}, products in {str(dtype).removeprefix('torch.')}")
+          f"device {device}, threads {torch.get_num_threads()}, products in {str(dtype).removeprefix('torch.')}, "
+          f"update {resolve_update_mode(args.update, device)}")
 
     steps = max(1, len(data) // per_step - 2)
     a_time = _step_time(head, data, args, per_step, steps, device)  # (a) ctexp's step
@@ -127,7 +131,7 @@ def _step_time(head: Head, data: SplitTensors, args: argparse.Namespace, per_ste
                device: torch.device) -> float:
     """(a): ``TrainStep``, the step ``train_lens`` runs, on batches as ``train_lens`` makes them."""
     lens = Lens.build(LensKind.LAYER, args.layers, POSITIONS, args.hidden).to(device)
-    step = TrainStep(lens, head, data, TrainConfig(batch_size=args.batch_size), args.precision)
+    step = TrainStep(lens, head, data, TrainConfig(batch_size=args.batch_size), args.precision, args.update)
     order = torch.randperm(len(data), device=device)
     full = [batch for batch in batches(data, order, per_step) if len(batch[0]) == per_step]
     return _median_time(lambda i: step(*full[i % len(full)]), steps, device)

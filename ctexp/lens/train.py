@@ -9,9 +9,9 @@ A step (``TrainStep``) does no Python work per layer, position or sample: batche
 blocks gathered by index from the split resident on the device (``batches``), the lens applies all
 its translators in one batched product, the loss against the frozen head and its gradient come from
 ``head.head_loss_and_grad`` (chunked; the two unembedding products per step are the only large
-ones), ``Lens.write_grads`` gives the parameter gradients (without an autograd graph for every
-built-in kind; autograd for a kind without a hand-written backward), and
-``FusedAdamW`` clips and updates in one fused pass. The unembedding products run in bfloat16 where
+ones), and ``ctexp.lens.update.LensUpdate`` turns the gradient at the lens output into parameter
+updates: clipping, weight decay and AdamW (dense gradients and torch's fused AdamW on CPU; on CUDA one
+compiled pass that forms each translator's gradient from its thin factors where it is used). The unembedding products run in bfloat16 where
 that is faster (``resolve_dtype``: CUDA; CPUs with native bf16 and a large head) with float32
 softmax; translators, norm, master weights and optimizer stay float32. Nothing in a step waits for
 the device: the epoch's training loss is summed on the device and read once per epoch. Top-k is
@@ -34,6 +34,9 @@ from ctexp.errors import TrainingDiverged
 from ctexp.lens.head import Head, LossTargets, head_loss_and_grad, scores
 from ctexp.lens.kinds import Lens
 from ctexp.lens.metrics import EpochMetrics
+from ctexp.lens.update import FusedAdamW, LensUpdate
+
+__all__ = ["FusedAdamW", "SplitTensors", "TrainStep", "batches", "evaluate_split", "train_lens"]
 
 EVAL_BATCH_STATES = 8192  # at most this many states per evaluation batch ...
 EVAL_LOGIT_ELEMENTS = 1 << 26  # ... and at most this many [states, vocab] logits at once (256 MiB in fp32)
@@ -102,79 +105,29 @@ def _cpu_has_bf16() -> bool:
         return False
 
 
-class FusedAdamW:
-    """AdamW with gradient-norm clipping, as ``clip_grad_norm_`` then ``torch.optim.AdamW(fused=True)``.
-
-    The clipping factor goes to the fused kernel as its gradient divisor instead of a pass that
-    rescales every gradient, and the per-step Python of ``torch.optim`` (hooks, grouping, state
-    look-ups) is skipped: for small lenses that overhead is most of a step. Where the fused kernel is
-    missing (other devices, other torch builds), the same two public calls are made instead.
-    """
-
-    def __init__(self, params: list[torch.Tensor], config: TrainConfig) -> None:
-        self.params, self.max_norm = params, config.clip
-        self.hyper = {"lr": config.lr, "beta1": 0.9, "beta2": 0.999, "weight_decay": config.weight_decay, "eps": 1e-8}
-        devices = {p.device.type for p in params}
-        self.fused = (
-            hasattr(torch, "_fused_adamw_") and hasattr(torch, "_foreach_norm")
-            and devices <= {"cpu", "cuda"} and len(devices) == 1
-            and all(p.dtype == torch.float32 for p in params)
-        )
-        if self.fused:
-            self.exp_avg = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]
-            self.exp_avg_sq = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]
-            self.count = torch.zeros((), dtype=torch.float32, device=params[0].device)
-            self.counts = [self.count] * len(params)  # one step count shared by every tensor
-        else:
-            self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-
-    def step(self, squared_norm: torch.Tensor | None = None) -> None:
-        """Clip the gradients' global norm to ``clip`` and take one AdamW step. No host synchronisation.
-
-        ``squared_norm``: the gradients' squared global norm where already known (else computed here).
-        """
-        if not self.fused:
-            torch.nn.utils.clip_grad_norm_(self.params, self.max_norm, foreach=True)
-            self.optimizer.step()
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        if squared_norm is not None:
-            norm = squared_norm.sqrt()
-        else:
-            norms = torch._foreach_norm(grads)  # what clip_grad_norm_ computes, in one call
-            norm = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
-        # clip_grad_norm_ multiplies by min(1, max_norm / (norm + 1e-6)); the kernel divides by its inverse.
-        divisor = norm.add_(1e-6).div_(self.max_norm).clamp_(min=1.0)
-        self.count.add_(1)
-        torch._fused_adamw_(
-            self.params, grads, self.exp_avg, self.exp_avg_sq, [], self.counts,
-            amsgrad=False, maximize=False, grad_scale=divisor, found_inf=None, **self.hyper,
-        )
-
-
 class TrainStep:
     """One optimiser step of ``train_lens`` (what the bench times, too).
 
     ``head.head_loss_and_grad`` gives the batch's mean loss and its gradient with respect to the
-    lens outputs, ``Lens.write_grads`` turns that into parameter gradients (with the kind's
-    hand-written backward where it has one, no autograd graph: at small shapes its bookkeeping costs
-    more than the arithmetic; else by autograd), ``FusedAdamW`` clips and updates.
+    lens outputs, ``LensUpdate`` (mode ``update``: ``ctexp.lens.update``) clips and updates from it
+    (with the kind's hand-written backward where it has one, no autograd graph: at small shapes its
+    bookkeeping costs more than the arithmetic; else by autograd).
     Returns the mean loss as a device tensor: nothing in a step waits for the device.
     """
 
     def __init__(
-        self, lens: Lens, head: Head, data: SplitTensors, config: TrainConfig, precision: str = "auto"
+        self, lens: Lens, head: Head, data: SplitTensors, config: TrainConfig, precision: str = "auto",
+        update: str = "auto",
     ) -> None:
         self.lens, self.head = lens, head
         self.dtype = resolve_dtype(precision, data.states.device, head)
-        self.optimizer = FusedAdamW([p for p in lens.parameters() if p.requires_grad], config)
+        self.update = LensUpdate(lens, config, update)
 
     def __call__(self, states: torch.Tensor, position: torch.Tensor, targets: LossTargets) -> torch.Tensor:
         with torch.no_grad():
             h = self.lens(states, position)
             loss, grad = head_loss_and_grad(h, self.head, targets, self.dtype, mean=True)
-            squared_norm = self.lens.write_grads(states, position, grad)
-        self.optimizer.step(squared_norm)
+            self.update(states, position, grad)
         return loss
 
 
@@ -238,15 +191,17 @@ def train_lens(
     seed: int,
     on_epoch: Callable[[EpochMetrics], None] | None = None,
     precision: str = "auto",
+    update: str = "auto",
 ) -> TrainOutcome:
     """Train ``lens`` in place; on return it holds the best epoch's weights.
 
     ``on_epoch`` is called after each epoch; it may raise ``StopTraining`` to end early.
-    ``precision`` (``auto|fp32|bf16``) picks the dtype of the unembedding products (``resolve_dtype``).
+    ``precision`` (``auto|fp32|bf16``) picks the dtype of the unembedding products (``resolve_dtype``);
+    ``update`` the optimiser's mode (``ctexp.lens.update.UPDATE_MODES``).
     """
     if not lens.trainable:
         return TrainOutcome(epochs=[], best_epoch=None, stopped_early=False)
-    step = TrainStep(lens, head, train, config, precision)
+    step = TrainStep(lens, head, train, config, precision, update)
     targets = LossTargets.of(train.targets)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     per_step = max(1, config.batch_size // train.states.shape[1])
