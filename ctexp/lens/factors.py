@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 
-OUTER_PRODUCT_MAX_ROWS = 2  # up to this many rows, ``dense`` sums outer products (a gemm with K <= 2 is slow)
 THIN_RATIO = 8  # factors are thin when the hidden size is at least this many times the rows
 
 
@@ -40,18 +39,12 @@ class Factors:
         return THIN_RATIO * self.rows <= min(self.left.shape[-1], self.right.shape[-1])
 
     def dense(self, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The gradient written out (into ``out`` where given). For 1 or 2 rows, outer products.
+        """The gradient written out (into ``out`` where given), by one batched gemm.
 
-        A step of 1 or 2 rows per translator is a rank-1 or rank-2 update: multiply-adds run at memory
-        speed, while a gemm with K <= 2 does not.
+        Also for 1 or 2 rows: on the 2-core Xeon (AMX) a (16, 2048, 2) @ (16, 2, 2048) bmm took 35-40 ms
+        against 101-108 ms for a multiply and an ``addcmul_`` of outer products (1-2 threads, load ~4).
         """
-        if self.rows > OUTER_PRODUCT_MAX_ROWS:
-            return torch.matmul(self.left.transpose(-1, -2), self.right, out=out)
-        first = self.left[..., 0, :].unsqueeze(-1), self.right[..., 0, :].unsqueeze(-2)
-        out = torch.mul(*first, out=out) if out is not None else torch.mul(*first)
-        for row in range(1, self.rows):
-            out.addcmul_(self.left[..., row, :].unsqueeze(-1), self.right[..., row, :].unsqueeze(-2))
-        return out
+        return torch.matmul(self.left.transpose(-1, -2), self.right, out=out)
 
     def squared_norm(self) -> torch.Tensor:
         """``dense().square().sum()`` from the R x R Gram matrices of the factors."""

@@ -131,8 +131,11 @@ def factored_pass(
     ``inline``: as a sum of outer products, which ``torch.compile`` fuses into the update (one pass,
     no dense gradient); else by a gemm.
     """
-    if inline:
-        grad = (left.unsqueeze(-1) * right.unsqueeze(-2)).sum(-3) * scale
+    if inline:  # unrolled over the rows: element-wise work that the compiler fuses into the update
+        grad = left[..., 0, :].unsqueeze(-1) * right[..., 0, :].unsqueeze(-2)
+        for row in range(1, left.shape[-2]):
+            grad = grad + left[..., row, :].unsqueeze(-1) * right[..., row, :].unsqueeze(-2)
+        grad = grad * scale
     else:
         grad = torch.matmul(left.transpose(-1, -2), right).mul_(scale)
     adamw_pass(param, exp_avg, exp_avg_sq, grad, count, lr, weight_decay)
