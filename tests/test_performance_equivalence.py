@@ -375,3 +375,37 @@ def test_small_steps_train_on_one_thread_and_restore_the_setting():
                TrainConfig(batch_size=L, epochs=1), seed=0, on_epoch=lambda _: seen.append(torch.get_num_threads()))
     assert seen == [1]
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("mode", ["dense", "plain"])
+def test_graph_stand_in_trains_as_the_eager_step(mode):
+    """Static buffers and replay (``graph="static"``, the CUDA graph's stand-in) train exactly as eager steps.
+
+    The warm-up batches train as they are, full batches go through the static buffers, and the last
+    partial batch of each epoch still trains (run as it is).
+    """
+    head = make_head()
+    train_split, val_split = _split(23, 1), _split(12, 2)
+    config = TrainConfig(batch_size=3 * L, epochs=2, patience=2, lr=1e-2)
+    results = {}
+    for graph in ("off", "static"):
+        lens = make_lens(LensKind.LAYER, AdapterKind.BIAS)
+        outcome = train_lens(lens, head, train_split, val_split, config, seed=3, precision="fp32",
+                             update=mode, graph=graph)
+        results[graph] = ([e.train_loss for e in outcome.epochs], lens.state_dict())
+    assert results["static"][0] == pytest.approx(results["off"][0], rel=1e-6)
+    for name, value in results["off"][1].items():
+        torch.testing.assert_close(results["static"][1][name], value, rtol=1e-6, atol=1e-7)
+
+
+def test_graph_stand_in_replays_full_batches_and_runs_the_partial_one():
+    head, lens = make_head(), make_lens(LensKind.LAYER, AdapterKind.NONE)
+    data = _split(11, 4)
+    step = TrainStep(lens, head, data, TrainConfig(batch_size=2 * L), precision="fp32", graph="static")
+    order = torch.arange(11)
+    for states, position, targets in batches(data, order, 2):  # 5 full batches, then 1 sample
+        step(states, position, targets)
+    assert step.graphed.replays == 5 - step.graphed.warmup
+    assert train.resolve_graph_mode("auto", torch.device("cpu")) == "off"
+    with pytest.raises(ValueError, match="CUDA"):
+        train.resolve_graph_mode("cuda", torch.device("cpu"))

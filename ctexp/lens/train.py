@@ -31,6 +31,7 @@ import torch
 
 from ctexp.config import TrainConfig
 from ctexp.errors import TrainingDiverged
+from ctexp.lens.graph import GraphedStep, resolve_graph_mode
 from ctexp.lens.head import Head, LossTargets, head_loss_and_grad, scores
 from ctexp.lens.kinds import Lens
 from ctexp.lens.metrics import EpochMetrics
@@ -117,13 +118,22 @@ class TrainStep:
 
     def __init__(
         self, lens: Lens, head: Head, data: SplitTensors, config: TrainConfig, precision: str = "auto",
-        update: str = "auto",
+        update: str = "auto", graph: str = "auto",
     ) -> None:
         self.lens, self.head = lens, head
         self.dtype = resolve_dtype(precision, data.states.device, head)
         self.update = LensUpdate(lens, config, update)
+        graph = resolve_graph_mode(graph, data.states.device)
+        self.graphed = GraphedStep(self.eager, graph) if graph != "off" else None
 
     def __call__(self, states: torch.Tensor, position: torch.Tensor, targets: LossTargets) -> torch.Tensor:
+        """One step; on CUDA a replayed graph for batches of the captured shape (``ctexp.lens.graph``)."""
+        if self.graphed is not None:
+            return self.graphed(states, position, targets)
+        return self.eager(states, position, targets)
+
+    def eager(self, states: torch.Tensor, position: torch.Tensor, targets: LossTargets) -> torch.Tensor:
+        """The step as it is, op by op."""
         with torch.no_grad():
             h = self.lens(states, position)
             loss, grad = head_loss_and_grad(h, self.head, targets, self.dtype, mean=True)
@@ -192,16 +202,18 @@ def train_lens(
     on_epoch: Callable[[EpochMetrics], None] | None = None,
     precision: str = "auto",
     update: str = "auto",
+    graph: str = "auto",
 ) -> TrainOutcome:
     """Train ``lens`` in place; on return it holds the best epoch's weights.
 
     ``on_epoch`` is called after each epoch; it may raise ``StopTraining`` to end early.
     ``precision`` (``auto|fp32|bf16``) picks the dtype of the unembedding products (``resolve_dtype``);
-    ``update`` the optimiser's mode (``ctexp.lens.update.UPDATE_MODES``).
+    ``update`` the optimiser's mode (``ctexp.lens.update.UPDATE_MODES``); ``graph`` whether full
+    batches replay a CUDA graph (``ctexp.lens.graph.GRAPH_MODES``; auto: on CUDA).
     """
     if not lens.trainable:
         return TrainOutcome(epochs=[], best_epoch=None, stopped_early=False)
-    step = TrainStep(lens, head, train, config, precision, update)
+    step = TrainStep(lens, head, train, config, precision, update, graph)
     targets = LossTargets.of(train.targets)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     per_step = max(1, config.batch_size // train.states.shape[1])
