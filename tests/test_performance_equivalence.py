@@ -409,3 +409,14 @@ def test_graph_stand_in_replays_full_batches_and_runs_the_partial_one():
     assert train.resolve_graph_mode("auto", torch.device("cpu")) == "off"
     with pytest.raises(ValueError, match="CUDA"):
         train.resolve_graph_mode("cuda", torch.device("cpu"))
+
+
+def test_evaluation_batches_grow_with_the_device_memory():
+    """On CUDA, evaluation batches are sized from the free memory; on CPU they keep their bounds."""
+    cpu = train.eval_batch_samples(16, 128_256, torch.device("cpu"))
+    assert cpu == train.EVAL_LOGIT_ELEMENTS // (16 * 128_256)
+    small_gpu = train.eval_batch_samples(16, 128_256, torch.device("cuda"), free_bytes=1 << 30)
+    big_gpu = train.eval_batch_samples(16, 128_256, torch.device("cuda"), free_bytes=130 << 30)
+    assert small_gpu == cpu < big_gpu
+    assert big_gpu * 16 * 128_256 <= train.EVAL_MAX_LOGIT_ELEMENTS
+    assert train.eval_batch_samples(16, 1_586, torch.device("cuda"), free_bytes=130 << 30) * 16 > train.EVAL_BATCH_STATES

@@ -41,6 +41,10 @@ __all__ = ["FusedAdamW", "SplitTensors", "TrainStep", "batches", "evaluate_split
 
 EVAL_BATCH_STATES = 8192  # at most this many states per evaluation batch ...
 EVAL_LOGIT_ELEMENTS = 1 << 26  # ... and at most this many [states, vocab] logits at once (256 MiB in fp32)
+# On CUDA both bounds grow with the device's free memory: logits of at most 1/EVAL_MEMORY_SHARE of it
+# (``scores`` holds about three [states, vocab] float32 tensors at once), up to EVAL_MAX_LOGIT_ELEMENTS.
+EVAL_MEMORY_SHARE = 16
+EVAL_MAX_LOGIT_ELEMENTS = 1 << 30
 # On CPUs with native bf16 products, bf16 pays off from heads of about 0.5M elements (hidden x vocab):
 # a whole step, 32 states, 1 thread, AMD Zen 4: 64 x 1,586 (the default world) 0.55 ms fp32 / 0.57 ms
 # bf16; 128 x 8,000 3.8 / 2.3 ms; 2,048 x 32,000 280 / 178 ms; 2,048 x 128,256 860 / 491 ms. Below,
@@ -163,11 +167,10 @@ def batches(data: SplitTensors, order: torch.Tensor, per_step: int, targets: Los
 def evaluate_split(lens: Lens, head: Head, data: SplitTensors) -> dict[str, torch.Tensor]:
     """Scores of every state of a split, in large no-grad float32 batches (see ``head.scores``).
 
-    Batches are bounded both in states and in logits held at once (``EVAL_LOGIT_ELEMENTS``).
+    Batches are sized from the device (``eval_batch_samples``), whatever the training batch size.
     """
     lens.eval()
-    n_layers = max(1, data.states.shape[1])
-    per_batch = max(1, min(EVAL_BATCH_STATES // n_layers, EVAL_LOGIT_ELEMENTS // (n_layers * head.vocab)))
+    per_batch = eval_batch_samples(data.states.shape[1], head.vocab, data.states.device)
     parts: list[dict[str, torch.Tensor]] = []
     with torch.no_grad():
         for start in range(0, len(data), per_batch):
@@ -175,6 +178,22 @@ def evaluate_split(lens: Lens, head: Head, data: SplitTensors) -> dict[str, torc
             logits = head(lens(data.states[window], data.position[window]))
             parts.append(scores(logits, data.targets[window]))
     return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+
+
+def eval_batch_samples(n_layers: int, vocab: int, device: torch.device, free_bytes: int | None = None) -> int:
+    """Samples per evaluation batch: bounded in states and in logits held at once.
+
+    ``EVAL_BATCH_STATES`` states and ``EVAL_LOGIT_ELEMENTS`` logits; on CUDA, more where the device's
+    free memory (``free_bytes``, else asked of the device) allows: logits of up to
+    1/``EVAL_MEMORY_SHARE`` of it, at most ``EVAL_MAX_LOGIT_ELEMENTS``.
+    """
+    n_layers = max(1, n_layers)
+    states, logits = EVAL_BATCH_STATES, EVAL_LOGIT_ELEMENTS
+    if device.type == "cuda":
+        free = free_bytes if free_bytes is not None else torch.cuda.mem_get_info(device)[0]
+        logits = max(logits, min(EVAL_MAX_LOGIT_ELEMENTS, free // (4 * EVAL_MEMORY_SHARE)))
+        states = max(states, logits // max(1, vocab))
+    return max(1, min(states // n_layers, logits // (n_layers * max(1, vocab))))
 
 
 def position_top1(result: dict[str, torch.Tensor], position: torch.Tensor) -> dict[int, float]:
