@@ -33,13 +33,17 @@ def run(
     if dry_run:
         print_json({"config": config.model_dump(mode="json"), "config_hash": config.config_hash()})
         return
-    from ctexp.cli.render import run_tables
-    from ctexp.experiment.pipeline import plan_run
-    from ctexp.experiment.recorder import Recorder
-    from ctexp.registry.locations import Locations
+    from ctexp.timings import phase
+
+    with phase("imports"):
+        from ctexp.cli.render import run_tables
+        from ctexp.experiment.pipeline import plan_run
+        from ctexp.experiment.recorder import Recorder
+        from ctexp.registry.locations import Locations
 
     locations = Locations.resolve(home, db_url, tracking_uri)
-    plan = plan_run(config)  # bad input fails here, before any output
+    with phase("store load"):
+        plan = plan_run(config)  # bad input fails here, before any output
     with Recorder(locations) as recorder, Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
         TimeElapsedColumn(), console=stderr_console(), transient=as_json,

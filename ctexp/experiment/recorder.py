@@ -36,6 +36,7 @@ from ctexp.registry.tracking.datasets import store_dataset
 from ctexp.registry.tracking.describe import NOTE_TAG, describe_unfinished
 from ctexp.registry.tracking.names import flatten_config
 from ctexp.registry.tracking.tracker import Tracker
+from ctexp.timings import phase
 
 HEARTBEAT_SECONDS = 30.0
 
@@ -103,13 +104,14 @@ class Recorder:
 
     def __init__(self, locations: Locations) -> None:
         self.locations = locations
-        self.registry = locations.registry()
-        try:
-            self.tracker = locations.tracker()
-            self.tracker.check()
-        except BaseException:
-            self.registry.close()
-            raise
+        with phase("MLflow setup"):  # the results database and the tracker, opened and checked
+            self.registry = locations.registry()
+            try:
+                self.tracker = locations.tracker()
+                self.tracker.check()
+            except BaseException:
+                self.registry.close()
+                raise
 
     def __enter__(self) -> Self:
         return self
@@ -200,7 +202,8 @@ def _run_and_record(
             with _Heartbeat(registry, run_id, HEARTBEAT_SECONDS):
                 result = run_experiment(config, home=locations.home, on_epoch=record_epoch, plan=plan, run_id=run_id)
             _finish_in_mlflow(tracker, mlflow_run_id, result, locations.home / "runs" / run_id)
-            registry.finish_run(result)
+            with phase("results recording"):
+                registry.finish_run(result)
             return result
     except KeyboardInterrupt as stop:
         terminated = isinstance(stop, Terminated)
@@ -220,7 +223,10 @@ def _finish_in_mlflow(tracker: Tracker, mlflow_run_id: str, result: RunResult, r
     from ctexp.analysis.figures import save_figures  # matplotlib: only a recorded run pays its import
 
     with tempfile.TemporaryDirectory(prefix="ctexp-figures-") as scratch:
-        tracker.finish_run(mlflow_run_id, result, run_dir, save_figures(result, Path(scratch)))
+        with phase("figures"):
+            figures = save_figures(result, Path(scratch))
+        with phase("results recording"):
+            tracker.finish_run(mlflow_run_id, result, run_dir, figures)
 
 
 def _end(
