@@ -6,10 +6,10 @@ turns library errors (``CtexpError``) into an ``Error: ...`` line and the error'
 
 from __future__ import annotations
 
-from ctexp.cli import attention, compare, data, intervene, registry, run, sweep
+from ctexp.cli import attention, codi, compare, data, intervene, registry, run, sweep
 from ctexp.cli.app import app
 
-for _group in (run, data, registry, sweep, compare, intervene, attention):
+for _group in (run, data, registry, sweep, compare, intervene, attention, codi):
     _group.register(app)
 
 
