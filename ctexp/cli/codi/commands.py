@@ -1,5 +1,7 @@
 """``ctexp codi train`` and ``ctexp codi eval``: a tiny CODI trained here, and its answers measured.
 
+A package of its own (one command group) so that ``ctexp/cli`` keeps to ten modules.
+
 Thin: parse, call :mod:`ctexp.tinycodi` (and :mod:`ctexp.experiment.tinycodi`, which records a training
 run), print. Bad input fails before training starts, and the checkpoint appears only when complete.
 """
@@ -55,6 +57,7 @@ def train(
     import torch
 
     from ctexp.errors import ConfigError
+    from ctexp.tinycodi.checkpoint import check_out
     from ctexp.tinycodi.pipeline import train_tinycodi
     from ctexp.tinycodi.settings import settings_from
 
@@ -63,6 +66,7 @@ def train(
         if threads < 1:
             raise ConfigError("--threads must be at least 1")
         torch.set_num_threads(threads)
+    check_out(out, force)  # before the progress bar draws anything
     progress, update = _progress_bar(settings.total_steps, transient=as_json)
     with progress:
         result = train_tinycodi(settings, out, force=force, progress=update)
@@ -138,8 +142,3 @@ def eval_table(report: EvalReport) -> Table:
                  for a in (row.latent, row.direct, row.teacher)]
         table.add_row(str(row.steps), str(row.n), *cells)
     return table
-
-
-def register(app: typer.Typer) -> None:
-    """Add the ``codi`` group (``train``, ``eval``) to ``app``."""
-    app.add_typer(codi_app, name="codi")
