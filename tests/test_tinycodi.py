@@ -144,3 +144,17 @@ def test_eval_refuses_a_directory_that_is_not_tiny_codi(cli: Cli, tmp_path: Path
     result = cli("codi", "eval", "--model", str(tmp_path), code=10)
     assert "ctexp codi train" in result.output
     cli("codi", "eval", "--model", str(tmp_path), "--split", "train", code=2)
+
+
+def test_training_is_recorded_like_every_run(tiny: tuple[Cli, Path]) -> None:
+    cli, model = tiny
+    runs = [run for run in cli.json("runs", "--kind", "tinycodi") if run["store_path"] == str(model)]
+    assert len(runs) == 1
+    run = runs[0]
+    assert (run["status"], run["experiment"], run["lens"]) == ("FINISHED", "tinycodi", "-")
+    training = run["config"]["training"]
+    assert training["out"] == str(model) and training["direct"]["latents"] == 0
+    result = json.loads((cli.home / "runs" / run["id"] / "result.json").read_text())
+    assert result["settings"]["latents"] == 3
+    report = cli("report", run["id"], code=2)
+    assert "ctexp codi eval --model" in report.output

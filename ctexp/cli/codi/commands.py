@@ -15,11 +15,12 @@ import typer
 from rich.table import Table
 
 from ctexp.cli.app import print_json, stderr_console, stdout_console
-from ctexp.cli.options import JsonOption
+from ctexp.cli.options import DbOption, HomeOption, JsonOption, TrackingOption
 
 if TYPE_CHECKING:
     from ctexp.tinycodi.evaluate import EvalReport
 
+_NOT_SETTINGS = ("out", "threads", "force", "home", "db_url", "tracking_uri", "as_json")
 codi_app = typer.Typer(help="Tiny CODI: train a small continuous-thought model on CPU, and measure its answers.",
                        no_args_is_help=True)
 
@@ -47,18 +48,23 @@ def train(
     test: Annotated[int, typer.Option(help="Held-out test problems per length.")] = 500,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch [torch's default].")] = None,
     force: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+    home: HomeOption = None,
+    db_url: DbOption = None,
+    tracking_uri: TrackingOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Train the T-latent student and the 0-latent direct model on generated mod-10 chains; write the checkpoint.
 
     Example: ctexp codi train --out models/tinycodi && ctexp codi eval --model models/tinycodi
     """
-    values: dict[str, Any] = {k: v for k, v in locals().items() if k not in ("out", "threads", "force", "as_json")}
+    values: dict[str, Any] = {k: v for k, v in locals().items() if k not in _NOT_SETTINGS}
     import torch
 
     from ctexp.errors import ConfigError
+    from ctexp.experiment.recorder import Recorder
+    from ctexp.experiment.tinycodi import record_training
+    from ctexp.registry.locations import Locations
     from ctexp.tinycodi.checkpoint import check_out
-    from ctexp.tinycodi.pipeline import train_tinycodi
     from ctexp.tinycodi.settings import settings_from
 
     settings = settings_from(values)
@@ -67,16 +73,18 @@ def train(
             raise ConfigError("--threads must be at least 1")
         torch.set_num_threads(threads)
     check_out(out, force)  # before the progress bar draws anything
-    progress, update = _progress_bar(settings.total_steps, transient=as_json)
-    with progress:
-        result = train_tinycodi(settings, out, force=force, progress=update)
-    summary = {"out": str(result.out), "latent_seconds": round(result.latent.seconds, 1),
-               "direct_seconds": round(result.direct.seconds, 1), "settings": settings.model_dump(mode="json")}
+    locations = Locations.resolve(home, db_url, tracking_uri)
+    with Recorder(locations) as recorder:  # both stores checked before training starts
+        progress, update = _progress_bar(settings.total_steps, transient=as_json)
+        with progress:
+            result = record_training(settings, out, recorder, force=force, progress=update)
     if as_json:
-        print_json(summary)
+        print_json({"out": str(result.out), "latent_seconds": round(result.latent.seconds, 1),
+                    "direct_seconds": round(result.direct.seconds, 1), "settings": settings.model_dump(mode="json")})
         return
     typer.echo(f"wrote {result.out}: latent model ({settings.latents} latents) {result.latent.seconds:.0f}s, "
-               f"direct model {result.direct.seconds:.0f}s (ctexp codi eval --model {result.out})")
+               f"direct model {result.direct.seconds:.0f}s (ctexp codi eval --model {result.out}); "
+               f"recorded in {locations.home}")
 
 
 def _progress_bar(total: int, transient: bool) -> tuple[Any, Any]:
