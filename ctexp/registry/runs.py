@@ -63,8 +63,7 @@ class RunWrites(Database):
         started = now()
 
         def work(session: Session) -> None:
-            if session.get(Run, run_id) is not None:
-                raise RegistryError(f"run {run_id} is already in the results database; start a run with a new id")
+            _require_new(session, run_id)
             session.add(Run(
                 id=run_id, name=name, experiment_id=_experiment_id(session, config, started),
                 status=RunStatus.RUNNING, started_at=started, heartbeat_at=started,
@@ -144,8 +143,7 @@ class RunWrites(Database):
         started = now()
 
         def work(session: Session) -> None:
-            if session.get(Run, run_id) is not None:
-                raise RegistryError(f"run {run_id} is already in the results database; start a run with a new id")
+            _require_new(session, run_id)
             lens = require_run(session, lens_run_id)
             if lens.kind is not RunKind.LENS:
                 raise RegistryError(f"run {lens_run_id[:12]} ({lens.name}) is of kind {lens.kind.value}, not a lens run")
@@ -215,8 +213,7 @@ class RunWrites(Database):
         started = now()
 
         def work(session: Session) -> None:
-            if session.get(Run, run_id) is not None:
-                raise RegistryError(f"run {run_id} is already in the results database; start a run with a new id")
+            _require_new(session, run_id)
             values: dict[str, Any]
             if lens_run_id is None:
                 experiment = _named_experiment(session, ATTENTION_EXPERIMENT, store_hash, {"store_hash": store_hash},
@@ -299,8 +296,7 @@ class RunWrites(Database):
         started = now()
 
         def work(session: Session) -> None:
-            if session.get(Run, run_id) is not None:
-                raise RegistryError(f"run {run_id} is already in the results database; start a run with a new id")
+            _require_new(session, run_id)
             experiment = _named_experiment(session, TINYCODI_EXPERIMENT, settings_hash, dict(settings), started)
             session.add(Run(
                 id=run_id, name=name, status=RunStatus.RUNNING, kind=RunKind.TINYCODI, started_at=started,
@@ -414,6 +410,12 @@ def _answer_row(run_id: str, row_key: str, ordinal: int, answer: ProblemAnswer) 
 def _epoch_row(run_id: str, epoch: EpochMetrics) -> Epoch:
     """The SQL row of an epoch (per-position validation top-1 stays in result.json)."""
     return Epoch(run_id=run_id, **epoch.model_dump(exclude={"val_position_top1"}))
+
+
+def _require_new(session: Session, run_id: str) -> None:
+    """A run's start refuses an id that is recorded already."""
+    if session.get(Run, run_id) is not None:
+        raise RegistryError(f"run {run_id} is already in the results database; start a run with a new id")
 
 
 def _experiment_id(session: Session, config: ExperimentConfig, created: datetime) -> int:

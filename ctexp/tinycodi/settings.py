@@ -22,7 +22,7 @@ class Task(StrEnum):
 class TinyCodiSettings(FrozenRecord):
     """Every setting of a tiny-CODI training run (saved with the checkpoint as ``tinycodi.json``)."""
 
-    task: Task = Task.MOD10R
+    task: Task = Field(Task.MOD10R, description="Generated problems: mod10r (mod-10 chains, read right to left).")
     min_steps: int = Field(2, ge=1, description="Fewest CoT steps of a generated problem.")
     max_steps: int = Field(4, ge=1, description="Most CoT steps of a generated problem.")
     latents: int = Field(4, ge=1, description="T: latent steps of the student.")
@@ -32,11 +32,11 @@ class TinyCodiSettings(FrozenRecord):
     intermediate: int = Field(512, ge=8, description="MLP inner size.")
     batch_size: int = Field(64, ge=1, description="Problems per step.")
     lr: float = Field(1e-3, gt=0, description="Peak AdamW learning rate.")
-    weight_decay: float = Field(0.01, ge=0)
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
     clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
     warmup: int = Field(50, ge=0, description="Linear warmup steps.")
-    decay_fraction: float = Field(0.2, ge=0, le=1, description="Linear decay over the last part of training ...")
-    final_lr_fraction: float = Field(0.05, ge=0, le=1, description="... down to this fraction of the peak.")
+    decay_fraction: float = Field(0.2, ge=0, le=1, description="Fraction of the steps, at the end, over which the rate decays linearly.")
+    final_lr_fraction: float = Field(0.05, ge=0, le=1, description="The last learning rate, as a fraction of the peak.")
     teacher_steps: int = Field(100, ge=0, description="Teacher-only steps before the first stage.")
     stage_steps: int = Field(250, ge=1, description="Steps per curriculum stage.")
     stages: int = Field(4, ge=1, description="Curriculum stages; stage s replaces the first s CoT steps.")
@@ -44,7 +44,7 @@ class TinyCodiSettings(FrozenRecord):
     distill_weight: float = Field(0.0, ge=0, description="Weight of the L1 distillation at the answer token.")
     validation: int = Field(100, ge=1, description="Held-out validation problems per length.")
     test: int = Field(500, ge=1, description="Held-out test problems per length.")
-    seed: int = 0
+    seed: int = Field(0, description="Seed of the models' init, the problems and the held-out split.")
 
     @model_validator(mode="after")
     def _consistent(self) -> TinyCodiSettings:

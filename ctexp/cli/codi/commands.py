@@ -8,6 +8,8 @@ run), print. Bad input fails before training starts, and the checkpoint appears 
 
 from __future__ import annotations
 
+import functools
+import inspect
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -20,32 +22,42 @@ from ctexp.cli.options import DbOption, HomeOption, JsonOption, TrackingOption
 if TYPE_CHECKING:
     from ctexp.tinycodi.evaluate import EvalReport
 
-_NOT_SETTINGS = ("out", "threads", "force", "home", "db_url", "tracking_uri", "as_json")
 codi_app = typer.Typer(help="Tiny CODI: train a small continuous-thought model on CPU, and measure its answers.",
                        no_args_is_help=True)
 
 
+def settings_options(func: Any) -> Any:
+    """Give ``func`` a flag for each ``TinyCodiSettings`` field (name, type, default and help from the field),
+    in place of its ``settings`` parameter, and call it with the flags' values as ``settings`` (a dict)."""
+    from ctexp.tinycodi.settings import TinyCodiSettings
+
+    fields = TinyCodiSettings.model_fields
+    signature = inspect.signature(func, eval_str=True)
+    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=field.default,
+                               annotation=Annotated[field.annotation, typer.Option(help=field.description)])
+             for name, field in fields.items()]
+    parameters: list[inspect.Parameter] = []
+    for parameter in signature.parameters.values():
+        if parameter.name == "settings":
+            parameters.extend(added)
+        else:
+            parameters.append(parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY))
+
+    @functools.wraps(func)
+    def wrapper(**kwargs: Any) -> Any:
+        return func(**{k: v for k, v in kwargs.items() if k not in fields},
+                    settings={k: v for k, v in kwargs.items() if k in fields})
+
+    wrapper.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in parameters}
+    return wrapper
+
+
 @codi_app.command("train")
+@settings_options
 def train(
     out: Annotated[Path, typer.Option(help="Checkpoint directory to write (CODI's layout; ctexp extract reads it).")],
-    seed: Annotated[int, typer.Option(help="Seed of the model's init, the problems and the held-out split.")] = 0,
-    min_steps: Annotated[int, typer.Option(help="Fewest CoT steps of a problem.")] = 2,
-    max_steps: Annotated[int, typer.Option(help="Most CoT steps of a problem.")] = 4,
-    latents: Annotated[int, typer.Option(help="T: latent steps of the student.")] = 4,
-    hidden: Annotated[int, typer.Option(help="Hidden size.")] = 128,
-    layers: Annotated[int, typer.Option(help="Transformer blocks.")] = 4,
-    heads: Annotated[int, typer.Option(help="Attention heads.")] = 4,
-    intermediate: Annotated[int, typer.Option(help="MLP inner size.")] = 512,
-    batch_size: Annotated[int, typer.Option(help="Problems per step.")] = 64,
-    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 1e-3,
-    warmup: Annotated[int, typer.Option(help="Linear warmup steps.")] = 50,
-    teacher_steps: Annotated[int, typer.Option(help="Teacher-only steps before the first stage.")] = 100,
-    stage_steps: Annotated[int, typer.Option(help="Steps per curriculum stage.")] = 250,
-    stages: Annotated[int, typer.Option(help="Stages; stage s replaces the first s CoT steps by latents.")] = 4,
-    teacher_weight: Annotated[float, typer.Option(help="Weight of the teacher's CE (explicit CoT).")] = 1.0,
-    distill_weight: Annotated[float, typer.Option(help="Weight of CODI's L1 distillation at the answer token.")] = 0.0,
-    validation: Annotated[int, typer.Option(help="Held-out validation problems per length.")] = 100,
-    test: Annotated[int, typer.Option(help="Held-out test problems per length.")] = 500,
+    settings: dict[str, Any] | None = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch [torch's default].")] = None,
     force: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
     home: HomeOption = None,
@@ -57,7 +69,6 @@ def train(
 
     Example: ctexp codi train --out models/tinycodi && ctexp codi eval --model models/tinycodi
     """
-    values: dict[str, Any] = {k: v for k, v in locals().items() if k not in _NOT_SETTINGS}
     import torch
 
     from ctexp.errors import ConfigError
@@ -67,7 +78,7 @@ def train(
     from ctexp.tinycodi.checkpoint import check_out
     from ctexp.tinycodi.settings import settings_from
 
-    settings = settings_from(values)
+    checked = settings_from(settings or {})
     if threads is not None:
         if threads < 1:
             raise ConfigError("--threads must be at least 1")
@@ -75,14 +86,14 @@ def train(
     check_out(out, force)  # before the progress bar draws anything
     locations = Locations.resolve(home, db_url, tracking_uri)
     with Recorder(locations) as recorder:  # both stores checked before training starts
-        progress, update = _progress_bar(settings.total_steps, transient=as_json)
+        progress, update = _progress_bar(checked.total_steps, transient=as_json)
         with progress:
-            result = record_training(settings, out, recorder, force=force, progress=update)
+            result = record_training(checked, out, recorder, force=force, progress=update)
     if as_json:
         print_json({"out": str(result.out), "latent_seconds": round(result.latent.seconds, 1),
-                    "direct_seconds": round(result.direct.seconds, 1), "settings": settings.model_dump(mode="json")})
+                    "direct_seconds": round(result.direct.seconds, 1), "settings": checked.model_dump(mode="json")})
         return
-    typer.echo(f"wrote {result.out}: latent model ({settings.latents} latents) {result.latent.seconds:.0f}s, "
+    typer.echo(f"wrote {result.out}: latent model ({checked.latents} latents) {result.latent.seconds:.0f}s, "
                f"direct model {result.direct.seconds:.0f}s (ctexp codi eval --model {result.out}); "
                f"recorded in {locations.home}")
 
