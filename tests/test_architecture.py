@@ -25,7 +25,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ctexp"
 # "": ctexp/*.py; notebook (the notebook API) reads runs as the CLI does, beside it and below it
-LAYERS = ("", "data", "lens", "model", "analysis", "registry", "experiment", "sweep", "notebook", "cli")
+LAYERS = ("", "data", "lens", "model", "analysis", "tinycodi", "registry", "experiment", "sweep", "notebook", "cli")
 MAX_MODULES = 10
 MAX_LINES = 500
 LONG_BECAUSE = "Long because:"

@@ -60,7 +60,7 @@ from ctexp.registry.records import SweepRecord
 from tests.conftest import needs_postgres
 
 SMALL = {"world.problems": 120, "world.layers": 2, "world.hidden": 16, "train.epochs": 2}
-HEAD = "0005_attention"
+HEAD = "0006_tinycodi"
 CTEXP_TABLES = {"ctexp_sweeps", "ctexp_experiments", "ctexp_runs", "ctexp_epochs", "ctexp_results",
                 "ctexp_intervention_rows", "ctexp_intervention_answers", "ctexp_attention_masses",
                 "ctexp_attention_tokens", "ctexp_attention_targets"}
@@ -962,3 +962,30 @@ def test_upgrade_from_0004_keeps_every_run_and_downgrade_drops_attention(
             registry.attention(dropped.run_id or "")
     with pytest.raises(Exception, match="(?i)check"):
         sql(db_url, "UPDATE ctexp_runs SET kind = 'bogus' WHERE id = :id", id=kept.run_id)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tiny-CODI trainings (revision 0006)
+
+
+def test_a_tinycodi_run_round_trips_and_downgrade_to_0005_drops_it(db_url: str, result: RunResult) -> None:
+    with Registry(db_url) as registry:
+        kept = record(registry, result, name="kept")
+        run_id = new_id()
+        registry.start_tinycodi(run_id, "tiny", settings={"latents": 4}, settings_hash="ab12", out="/models/t",
+                                seed=0, code_version="test")
+        registry.finish_tinycodi(run_id, {"out": "/models/t"}, 2.5)
+        record_ = registry.resolve(run_id)
+        assert (record_.kind, record_.status, record_.experiment, record_.lens, record_.store_path) == (
+            "tinycodi", RunStatus.FINISHED, "tinycodi", "-", "/models/t")
+        assert record_.config["training"] == {"out": "/models/t"}
+        assert [r.id for r in registry.list_runs(kind="tinycodi")] == [run_id]
+        with pytest.raises(RegistryError, match="is of kind lens, not a tiny-CODI run"):
+            registry.finish_tinycodi(kept.run_id, {}, 1.0)
+    migrate(db_url, "0005_attention", down=True)
+    assert sql(db_url, "SELECT name, kind FROM ctexp_runs") == [("kept", "lens")]
+    with pytest.raises(Exception, match="(?i)check"):
+        sql(db_url, "UPDATE ctexp_runs SET kind = 'tinycodi' WHERE id = :id", id=kept.run_id)
+    with Registry(db_url) as registry:  # upgrades to head again
+        assert registry.current_revision() == HEAD
+        assert registry.resolve(kept.run_id).test_top1 == kept.overall.top1

@@ -43,6 +43,7 @@ COMMAND_MODULES: dict[str, str] = {
     "compare": "ctexp.cli.compare",
     "intervene": "ctexp.cli.intervene",
     "attention": "ctexp.cli.attention",
+    "codi": "ctexp.cli.codi",
 }
 
 

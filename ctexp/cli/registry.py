@@ -266,6 +266,9 @@ def report(
         if record.kind is RunKind.ATTENTION:
             _report_attention(locations, record, registry.attention(record.id), out, not no_figures)
             return
+        if record.kind is RunKind.TINYCODI:
+            raise ConfigError(f"run {record.id[:12]} is a tiny-CODI training: `ctexp show {record.id[:8]}` prints it, "
+                              f"`ctexp codi eval --model {record.store_path}` measures its answers")
         epochs = registry.epochs(record.id)
         groups = {name: [row.as_group_metrics() for row in rows] for name, rows in registry.breakdowns(record.id).items()}
     if record.status.value != "FINISHED":

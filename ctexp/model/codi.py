@@ -154,6 +154,20 @@ class Thoughts:
     attention: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class LatentLoop:
+    """CODI's loop up to eot: what the answer (or a training loss) continues from."""
+
+    ids: torch.Tensor  # (B, n) left-padded question and bot ids
+    positions: torch.Tensor  # (B, n) their position ids
+    bot: torch.Tensor  # (B, S, d) the states at bot
+    latent: list[torch.Tensor]  # T x (B, S, d): the state each latent step produced
+    inputs: list[torch.Tensor]  # T x (B, 1, d): the latent inputs z fed
+    mask: torch.Tensor  # (B, n + T) attention mask so far
+    position: torch.Tensor  # (B, 1) the last position id used
+    cache: Any  # the KV cache after the last latent step
+
+
 @dataclass
 class CodiModel:
     """A merged CODI model ready to think: the base LM, prj, and the special ids.
@@ -235,6 +249,20 @@ class CodiModel:
         Returns:
             The states at every latent position and at bot, the answer ids, and the attention if asked.
         """
+        loop = self.latents(prompts, n_positions, patch)
+        hidden = torch.stack([*loop.latent, loop.bot], dim=2)  # (B, S, T+1, d)
+        answers = self._answer(loop.mask, loop.position, loop.cache, max_answer_tokens)
+        weights = None
+        if attention:
+            weights = self._attention(loop.ids, loop.mask, loop.positions, torch.cat(loop.inputs, dim=1))
+        return Thoughts(hidden.cpu(), answers, weights)
+
+    def latents(self, prompts: list[list[int]], n_positions: int, patch: ThoughtPatch | None = None) -> LatentLoop:
+        """The question with bot, then ``n_positions`` latent steps: CODI's loop up to (not including) eot.
+
+        Runs with gradients where the caller allows them, so that ``think`` (inference) and tiny-CODI's
+        training (``ctexp.tinycodi``) share one loop.
+        """
         ids, mask = _left_pad([[*p, self.bot_id] for p in prompts], self.pad_id, self.device)  # (B, n)
         # Per-row positions count real tokens only, so padding does not shift a row's positions.
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, n)
@@ -254,10 +282,16 @@ class CodiModel:
                 )
             latent.append(_last_position(out.hidden_states))  # (B, S, d)
             cache = _cache_of(out)
-        hidden = torch.stack([*latent, bot], dim=2)  # (B, S, T+1, d)
-        answers = self._answer(mask, position, cache, max_answer_tokens)
-        weights = self._attention(ids, mask, positions, torch.cat(inputs, dim=1)) if attention else None
-        return Thoughts(hidden.cpu(), answers, weights)
+        return LatentLoop(ids, positions, bot, latent, inputs, mask, position, cache)
+
+    def feed(self, embeds: torch.Tensor, loop: LatentLoop, hidden: bool = False) -> Any:
+        """Forward ``embeds`` (B, m, d) after the loop's context (with its cache), all logits kept."""
+        width = embeds.shape[1]
+        mask = torch.cat([loop.mask, loop.mask.new_ones(loop.mask.shape[0], width)], dim=1)  # (B, n+T+m)
+        position = loop.position + torch.arange(1, width + 1, device=loop.position.device)  # (B, m)
+        inputs = {"cache" if "cache" in self._arguments else "past_key_values": loop.cache}
+        return self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=position, use_cache=True,
+                       output_hidden_states=hidden, **inputs)
 
     def _attention(
         self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, thoughts: torch.Tensor

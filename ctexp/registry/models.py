@@ -39,7 +39,7 @@ TABLE_PREFIX = "ctexp_"
 VERSION_TABLE = "ctexp_alembic_version"  # Optuna and MLflow keep theirs in `alembic_version`
 # The newest migration, which these models describe. Opening a database compares its revision with this
 # constant instead of reading migrations/ every time; a test fails when a new migration is not named here.
-HEAD_REVISION = "0005_attention"
+HEAD_REVISION = "0006_tinycodi"
 
 # Headline and per-group metrics (METRICS, from records). Top-k rates are better high, loss is better low.
 BASELINES = ("prior", "identity")

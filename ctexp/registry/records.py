@@ -25,8 +25,8 @@ class RunStatus(StrEnum):
 
 
 class RunKind(StrEnum):
-    """What a run is: a trained lens, an intervention on a CODI model through a lens run's store, or an
-    attention analysis of a store (``ctexp attention``).
+    """What a run is: a trained lens, an intervention on a CODI model through a lens run's store, an
+    attention analysis of a store (``ctexp attention``), or a tiny CODI's training (``ctexp codi train``).
 
     Rows of ``ctexp_runs`` of every kind keep the lens columns (``lens``, ``split``, ``target``, ...): an
     intervention, or an attention analysis with a lens run, copies them from the lens run it is of, so
@@ -37,6 +37,7 @@ class RunKind(StrEnum):
     LENS = "lens"
     INTERVENTION = "intervention"
     ATTENTION = "attention"
+    TINYCODI = "tinycodi"  # a tiny CODI trained by ``ctexp codi train``: settings and summary in config_json
 
 
 class SweepStatus(StrEnum):

@@ -65,8 +65,7 @@ class RunWrites(Database):
         started = now()
 
         def work(session: Session) -> None:
-            if session.get(Run, run_id) is not None:
-                raise RegistryError(f"run {run_id} is already in the results database; start a run with a new id")
+            _require_new(session, run_id)
             session.add(Run(
                 id=run_id, name=name, experiment_id=_experiment_id(session, config, started),
                 status=RunStatus.RUNNING, started_at=started, heartbeat_at=started,
@@ -146,8 +145,7 @@ class RunWrites(Database):
         started = now()
 
         def work(session: Session) -> None:
-            if session.get(Run, run_id) is not None:
-                raise RegistryError(f"run {run_id} is already in the results database; start a run with a new id")
+            _require_new(session, run_id)
             lens = require_run(session, lens_run_id)
             if lens.kind is not RunKind.LENS:
                 raise RegistryError(f"run {lens_run_id[:12]} ({lens.name}) is of kind {lens.kind.value}, not a lens run")
@@ -219,8 +217,7 @@ class RunWrites(Database):
         started = now()
 
         def work(session: Session) -> None:
-            if session.get(Run, run_id) is not None:
-                raise RegistryError(f"run {run_id} is already in the results database; start a run with a new id")
+            _require_new(session, run_id)
             values: dict[str, Any]
             if lens_run_id is None:
                 experiment = _named_experiment(session, ATTENTION_EXPERIMENT, store_hash, {"store_hash": store_hash},
@@ -290,6 +287,48 @@ class RunWrites(Database):
 
         self._write(f"record the results of attention analysis {report.run_id}", work)
 
+    def start_tinycodi(self, run_id: str, name: str, *, settings: Mapping[str, Any], settings_hash: str,
+                       out: str, seed: int, code_version: str) -> None:
+        """Record a RUNNING tiny-CODI training (``ctexp codi train``), with its heartbeat now.
+
+        It joins the experiment ``tinycodi`` of its settings (their hash is the experiment's config hash, and
+        the run's ``store_hash``); its lens columns hold ``-`` and ``store_path`` is the checkpoint directory.
+
+        Raises:
+            RegistryError: the run id is already recorded, or the database fails.
+        """
+        started = now()
+
+        def work(session: Session) -> None:
+            _require_new(session, run_id)
+            experiment = _named_experiment(session, TINYCODI_EXPERIMENT, settings_hash, dict(settings), started)
+            session.add(Run(
+                id=run_id, name=name, status=RunStatus.RUNNING, kind=RunKind.TINYCODI, started_at=started,
+                heartbeat_at=started, config_json=dict(settings), seed=seed, store_hash=settings_hash, store_path=out,
+                code_version=code_version, device="cpu", experiment_id=experiment,
+                **{column: "-" for column in ("lens", "adapter", "split", "target", "layers", "positions")},
+            ))
+
+        self._write(f"record the start of tiny-CODI training {run_id}", work)
+
+    def finish_tinycodi(self, run_id: str, summary: Mapping[str, Any], seconds: float) -> None:
+        """Mark a tiny-CODI training FINISHED, its summary under ``training`` in ``config_json``.
+
+        Raises:
+            RegistryError: the run was never started or is not a tiny-CODI training, or the database fails.
+        """
+
+        def work(session: Session) -> None:
+            run = require_run(session, run_id)
+            if run.kind is not RunKind.TINYCODI:
+                raise RegistryError(f"run {run.id[:12]} ({run.name}) is of kind {run.kind.value}, not a tiny-CODI run")
+            ended = now()
+            run.config_json = {**run.config_json, "training": dict(summary)}
+            run.status, run.ended_at, run.heartbeat_at, run.error = RunStatus.FINISHED, ended, ended, None
+            run.seconds = seconds
+
+        self._write(f"record the end of tiny-CODI training {run_id}", work)
+
     def end_run(self, run_id: str, status: RunStatus, error: str | None = None) -> None:
         """End a run that did not finish: FAILED, KILLED or PRUNED, with the reason. Its epochs are kept.
 
@@ -351,6 +390,7 @@ class RunWrites(Database):
         self._write(action, work)
 
 ATTENTION_EXPERIMENT = "attention"  # the experiment of attention analyses without a lens run
+TINYCODI_EXPERIMENT = "tinycodi"  # the experiment of tiny-CODI trainings
 LENS_COLUMNS = ("lens", "adapter", "split", "target", "layers", "positions")
 
 
@@ -376,6 +416,12 @@ def _answer_row(run_id: str, row_key: str, ordinal: int, answer: ProblemAnswer) 
 def _epoch_row(run_id: str, epoch: EpochMetrics) -> Epoch:
     """The SQL row of an epoch (per-position validation top-1 stays in result.json)."""
     return Epoch(run_id=run_id, **epoch.model_dump(exclude={"val_position_top1"}))
+
+
+def _require_new(session: Session, run_id: str) -> None:
+    """A run's start refuses an id that is recorded already."""
+    if session.get(Run, run_id) is not None:
+        raise RegistryError(f"run {run_id} is already in the results database; start a run with a new id")
 
 
 def _experiment_id(session: Session, config: ExperimentConfig, created: datetime) -> int:

@@ -1,0 +1,127 @@
+"""The CODI objective on a batch of generated problems, with a Coconut-style curriculum.
+
+Sequences (ids; ``bot`` and ``eot`` are CODI's special ids, after the vocabulary):
+
+* teacher: ``<s> question bot eot`` + every CoT step + the answer + ``</s>``; cross-entropy on what
+  follows ``eot``. This is the student of stage 0: explicit CoT.
+* student in a stage that replaces ``r`` steps with ``n`` latents: ``<s> question bot``, ``n`` latent
+  steps through prj (CODI's own loop, ``CodiModel.latents``), then ``eot`` + the remaining steps + the
+  answer + ``</s>``; cross-entropy on what follows ``eot``. With every step replaced it answers at once.
+* distillation (optional, as in CODI): L1 between the student's and the (detached) teacher's hidden
+  states at the token that predicts the answer's first token, every layer, each scaled by the teacher
+  layer's standard deviation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional
+
+from ctexp.model.codi import CodiModel
+from ctexp.tinycodi.task import TaskProblem
+from ctexp.tinycodi.vocab import EOS_ID, encode, question_ids
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Losses:
+    """One batch's losses; ``total`` is what the optimiser steps on."""
+
+    total: torch.Tensor
+    teacher: float
+    student: float
+    distill: float
+
+
+def continuation(problem: TaskProblem, replaced: int) -> list[int]:
+    """What follows ``eot`` once the first ``replaced`` steps are latents: the other steps, the answer, EOS."""
+    return [*encode(" ".join([*problem.steps[replaced:], problem.answer])), EOS_ID]
+
+
+def _right_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)  # (B, m)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, m)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+def _labels(ids: torch.Tensor, mask: torch.Tensor, scored_from: list[int]) -> torch.Tensor:
+    """Next-token labels: ids shifted left, IGNORE before each row's ``scored_from`` and on padding."""
+    labels = ids.masked_fill(mask == 0, IGNORE)[:, 1:].clone()  # (B, m-1)
+    for i, start in enumerate(scored_from):
+        labels[i, : start - 1] = IGNORE
+    return labels
+
+
+def _answer_index(suffix: list[int], problem: TaskProblem) -> int:
+    """Index in ``suffix`` (eot first) of the token whose next token is the answer's first."""
+    return len(suffix) - 2 - len(encode(problem.answer))  # suffix ends: (" " or eot), answer digits, EOS
+
+
+def teacher_loss(model: CodiModel, problems: list[TaskProblem]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Teacher CE, the teacher's hidden states at the answer-predicting token (S, B, d) and their indices."""
+    prefixes = [[*question_ids(p.question), model.bot_id, model.eot_id] for p in problems]
+    rows = [[*prefix, *continuation(p, 0)] for prefix, p in zip(prefixes, problems, strict=True)]
+    ids, mask = _right_pad(rows, model.pad_id)  # (B, m)
+    out = model.lm(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
+    labels = _labels(ids, mask, [len(prefix) for prefix in prefixes])  # (B, m-1)
+    loss = functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+    at = [len(prefix) - 1 + _answer_index([model.eot_id, *continuation(p, 0)], p)
+          for prefix, p in zip(prefixes, problems, strict=True)]
+    rows_index = torch.arange(len(problems))
+    states = torch.stack([h[rows_index, at] for h in out.hidden_states])  # (S, B, d)
+    return loss, states, at
+
+
+def student_loss(
+    model: CodiModel, problems: list[TaskProblem], replaced: int, latents: int, with_states: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Student CE after ``latents`` latent steps that stand for the first ``replaced`` CoT steps.
+
+    Returns:
+        The CE, and with ``with_states`` the student's hidden states at the answer-predicting token (S, B, d).
+    """
+    loop = model.latents([question_ids(p.question) for p in problems], latents)
+    suffixes = [[model.eot_id, *continuation(p, replaced)] for p in problems]
+    ids, mask = _right_pad(suffixes, model.pad_id)  # (B, m)
+    out = model.feed(model.lm.get_input_embeddings()(ids), loop, hidden=with_states)
+    labels = _labels(ids, mask, [1] * len(problems))  # (B, m-1): everything after eot
+    loss = functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+    if not with_states:
+        return loss, None
+    at = [_answer_index(suffix, p) for suffix, p in zip(suffixes, problems, strict=True)]
+    rows_index = torch.arange(len(problems))
+    return loss, torch.stack([h[rows_index, at] for h in out.hidden_states])  # (S, B, d)
+
+
+def distillation(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """CODI's L1 between student and detached teacher states (S, B, d), each layer scaled by the teacher's std."""
+    teacher = teacher.detach()
+    scale = teacher.std(dim=(1, 2), keepdim=True).clamp(min=1e-6)  # (S, 1, 1)
+    return ((student - teacher).abs() / scale).mean()
+
+
+def batch_losses(
+    model: CodiModel, problems: list[TaskProblem], replaced: int, latents: int, teacher_weight: float,
+    distill_weight: float, student: bool,
+) -> Losses:
+    """The step's losses: teacher CE, and (after the teacher-only steps) student CE and distillation."""
+    teacher, teacher_states, _ = teacher_loss(model, problems)
+    total = teacher_weight * teacher
+    student_value = distill_value = 0.0
+    if student:
+        wants_states = distill_weight > 0
+        loss, states = student_loss(model, problems, replaced, latents, wants_states)
+        total = total + loss
+        student_value = float(loss.detach())
+        if states is not None:
+            distill = distillation(states, teacher_states)
+            total = total + distill_weight * distill
+            distill_value = float(distill.detach())
+    return Losses(total, float(teacher.detach()), student_value, distill_value)

@@ -1,0 +1,105 @@
+"""What ``ctexp codi train`` trains: the task, the model's size and the recipe, as one validated record.
+
+The defaults are the recipe that made latents help on ``mod10r`` (README, "Tiny CODI"): 2-4 steps,
+T = 4 latents, a LLaMA of hidden size 128 and 4 layers, 100 teacher-only steps and then 4 curriculum
+stages of 250 steps, in which stage ``s`` replaces the first ``s`` CoT steps by latents.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pydantic import Field, model_validator
+
+from ctexp.errors import ConfigError
+from ctexp.records import FrozenRecord
+
+
+class Task(StrEnum):
+    MOD10R = "mod10r"
+
+
+class TinyCodiSettings(FrozenRecord):
+    """Every setting of a tiny-CODI training run (saved with the checkpoint as ``tinycodi.json``)."""
+
+    task: Task = Field(Task.MOD10R, description="Generated problems: mod10r (mod-10 chains, read right to left).")
+    min_steps: int = Field(2, ge=1, description="Fewest CoT steps of a generated problem.")
+    max_steps: int = Field(4, ge=1, description="Most CoT steps of a generated problem.")
+    latents: int = Field(4, ge=1, description="T: latent steps of the student.")
+    hidden: int = Field(128, ge=8, description="Hidden size.")
+    layers: int = Field(4, ge=1, description="Transformer blocks.")
+    heads: int = Field(4, ge=1, description="Attention heads.")
+    intermediate: int = Field(512, ge=8, description="MLP inner size.")
+    batch_size: int = Field(64, ge=1, description="Problems per step.")
+    lr: float = Field(1e-3, gt=0, description="Peak AdamW learning rate.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
+    warmup: int = Field(50, ge=0, description="Linear warmup steps.")
+    decay_fraction: float = Field(0.2, ge=0, le=1, description="Fraction of the steps, at the end, over which the rate decays linearly.")
+    final_lr_fraction: float = Field(0.05, ge=0, le=1, description="The last learning rate, as a fraction of the peak.")
+    teacher_steps: int = Field(100, ge=0, description="Teacher-only steps before the first stage.")
+    stage_steps: int = Field(250, ge=1, description="Steps per curriculum stage.")
+    stages: int = Field(4, ge=1, description="Curriculum stages; stage s replaces the first s CoT steps.")
+    teacher_weight: float = Field(1.0, ge=0, description="Weight of the teacher's CE (explicit CoT).")
+    distill_weight: float = Field(0.0, ge=0, description="Weight of the L1 distillation at the answer token.")
+    validation: int = Field(100, ge=1, description="Held-out validation problems per length.")
+    test: int = Field(500, ge=1, description="Held-out test problems per length.")
+    seed: int = Field(0, description="Seed of the models' init, the problems and the held-out split.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TinyCodiSettings:
+        if self.min_steps > self.max_steps:
+            raise ValueError(f"--min-steps {self.min_steps} exceeds --max-steps {self.max_steps}")
+        if self.hidden % self.heads:
+            raise ValueError(f"--hidden {self.hidden} is not a multiple of --heads {self.heads}")
+        return self
+
+    @property
+    def lengths(self) -> range:
+        return range(self.min_steps, self.max_steps + 1)
+
+    @property
+    def total_steps(self) -> int:
+        return self.teacher_steps + self.stages * self.stage_steps
+
+    def stage(self, step: int) -> int:
+        """The curriculum stage of optimiser step ``step`` (0: teacher only)."""
+        if step < self.teacher_steps:
+            return 0
+        return min(self.stages, 1 + (step - self.teacher_steps) // self.stage_steps)
+
+    def replaced(self, stage: int) -> int:
+        """CoT steps that latents replace in ``stage``: all of them in the last stage."""
+        return self.max_steps if stage >= self.stages else stage * self.max_steps // self.stages
+
+    def latents_at(self, stage: int, student_latents: int) -> int:
+        """Latent steps the student runs in ``stage`` (a 0-latent model runs none)."""
+        return student_latents if stage >= self.stages else stage * student_latents // self.stages
+
+    def learning_rate(self, step: int) -> float:
+        """Warmup, a plateau, then linear decay over the last ``decay_fraction`` of the steps."""
+        total = self.total_steps
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        decay_start = total - round(total * self.decay_fraction)
+        if step < decay_start or total == decay_start:
+            return self.lr
+        progress = (step - decay_start) / (total - decay_start)
+        return self.lr * (1 - (1 - self.final_lr_fraction) * progress)
+
+
+def settings_from(values: dict[str, object]) -> TinyCodiSettings:
+    """Validate CLI values into settings; a bad value is one ConfigError line.
+
+    Raises:
+        ConfigError: A value is out of range, or the values contradict each other.
+    """
+    from pydantic import ValidationError
+
+    try:
+        return TinyCodiSettings.model_validate(values)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        message = first["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"--{where.replace('_', '-')}: {message}" if where else message) from None

@@ -1,0 +1,160 @@
+"""Tiny CODI: ``ctexp codi train`` and ``ctexp codi eval`` on a very small model trained for a few steps.
+
+The checkpoint must be one that ``ctexp extract`` reads like a real CODI checkpoint: its store's states
+equal (to float32 rounding) the model's own latent loop run on weights read straight from the file;
+``ctexp align`` reads the held-out problems; training is deterministic for a seed; bad input is one
+line, a non-zero exit and nothing written.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import Cli
+
+TINY = ("--hidden", "16", "--layers", "2", "--heads", "2", "--intermediate", "32", "--batch-size", "8",
+        "--teacher-steps", "2", "--stage-steps", "2", "--stages", "2", "--latents", "3", "--min-steps", "1",
+        "--max-steps", "3", "--warmup", "1", "--test", "4", "--validation", "3", "--threads", "1")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Cli, Path]:
+    root = tmp_path_factory.mktemp("tinycodi")
+    cli = Cli(root / "home")
+    cli("codi", "train", "--out", str(root / "model"), *TINY)
+    return cli, root / "model"
+
+
+def test_train_writes_codi_layout(tiny: tuple[Cli, Path]) -> None:
+    _, model = tiny
+    state = load_file(str(model / "model.safetensors"))
+    assert {"prj.1.weight", "prj.3.weight", "prj.ln.weight"} <= set(state)
+    assert all(k.startswith(("codi.", "prj.")) for k in state)
+    assert state["codi.model.embed_tokens.weight"].shape == (17 + 3, 16)  # V = 17 characters and <s>, </s>
+    assert json.loads((model / "config.json").read_text())["vocab_size"] == 17
+    assert (model / "direct" / "model.safetensors").is_file()
+    summary = json.loads((model / "tinycodi.json").read_text())
+    assert summary["settings"]["latents"] == 3 and summary["direct"]["latents"] == 0
+    lines = (model / "data" / "test.jsonl").read_text().splitlines()
+    assert len(lines) == 3 * 4  # 4 problems of each length 1..3
+    record = json.loads(lines[-1])
+    assert record["cot"].count("<<") == 3 and record["cot"].split("=")[-1].rstrip(">") == record["answer"]
+
+
+def test_training_is_deterministic_for_a_seed(tiny: tuple[Cli, Path], tmp_path: Path) -> None:
+    cli, model = tiny
+    cli("codi", "train", "--out", str(tmp_path / "again"), *TINY)
+    cli("codi", "train", "--out", str(tmp_path / "other"), *TINY, "--seed", "1")
+    first, again = load_file(str(model / "model.safetensors")), load_file(str(tmp_path / "again" / "model.safetensors"))
+    other = load_file(str(tmp_path / "other" / "model.safetensors"))
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not torch.equal(first["prj.1.weight"], other["prj.1.weight"])
+    assert (model / "data" / "test.jsonl").read_text() == (tmp_path / "again" / "data" / "test.jsonl").read_text()
+
+
+def own_latent_loop(model: Path, question: str, latents: int) -> torch.Tensor:
+    """(S, T, d) states of the latent loop, on weights read straight from model.safetensors (not extract's loader)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ctexp.model.codi import CodiModel, Projection
+    from ctexp.tinycodi.vocab import EOS_ID, VOCAB, question_ids
+
+    state = load_file(str(model / "model.safetensors"))
+    config = LlamaConfig.from_pretrained(model)
+    config.vocab_size = VOCAB + 3
+    lm = LlamaForCausalLM(config).eval()
+    lm.load_state_dict({k.removeprefix("codi."): v for k, v in state.items() if k.startswith("codi.")})
+    prj = Projection(config.hidden_size, state["prj.1.weight"].shape[0], layer_norm=True).eval()
+    names = {"1": "up", "3": "down", "ln": "ln"}
+    prj.load_state_dict({f"{names[k.split('.')[1]]}.{k.split('.')[2]}": v for k, v in state.items()
+                         if k.startswith("prj.")})
+    codi = CodiModel(lm, prj, VOCAB, frozenset({EOS_ID}))
+    with torch.no_grad():
+        loop = codi.latents([question_ids(question)], latents)
+    return torch.stack(loop.latent, dim=2)[0]  # (S, T, d)
+
+
+def test_checkpoint_round_trips_through_extract(tiny: tuple[Cli, Path], tmp_path: Path) -> None:
+    cli, model = tiny
+    from ctexp.data.store import load_store
+
+    store_dir = tmp_path / "store"
+    cli("extract", "--model", str(model), "--data", f"aug:{model / 'data' / 'validation.jsonl'}", "--dtype", "fp32",
+        "--device", "cpu", "--positions", "3", "--batch-size", "4", "--out", str(store_dir))
+    store = load_store(store_dir)
+    assert store.meta.n_positions == 3 and store.meta.vocab == 17
+    assert store.meta.tokenizer == f"hf:{model.resolve()}"
+    for index, problem in enumerate(store.problems):
+        expected = own_latent_loop(model, problem.question, 3)  # (S, T, d)
+        assert torch.allclose(store.hidden[index, :, :3].float(), expected, atol=1e-5), problem.id
+
+
+def test_eval_json_by_steps(tiny: tuple[Cli, Path]) -> None:
+    cli, model = tiny
+    report = cli.json("codi", "eval", "--model", str(model))
+    assert [row["steps"] for row in report["by_steps"]] == [1, 2, 3]
+    for row in report["by_steps"]:
+        assert row["n"] == 4
+        for reader in ("latent", "direct", "teacher"):
+            low, high = row[reader]["ci"]
+            assert 0 <= low <= row[reader]["accuracy"] <= high <= 1
+    table = cli("codi", "eval", "--model", str(model), "--limit", "2").stdout
+    assert "Latent (T=3)" in table and "Direct (0 latents)" in table
+
+
+def test_align_reads_the_held_out_problems(tiny: tuple[Cli, Path]) -> None:
+    cli, model = tiny
+    out = cli("align", "--source", f"aug:{model / 'data' / 'test.jsonl'}", "--tokenizer", f"hf:{model}",
+              "--positions", "3", "--split", "uniform", "--format", "jsonl", "--limit", "12").stdout
+    rows = [json.loads(line) for line in out.splitlines() if line.strip()]
+    assert len(rows) == 12
+    for row in rows:
+        assert len(row["token_ids"]) == len(" ".join(row["steps"]))  # one token per character
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (("--min-steps", "3", "--max-steps", "2"), "--min-steps 3 exceeds --max-steps 2"),
+        (("--hidden", "10", "--heads", "4"), "not a multiple of --heads"),
+        (("--latents", "0"), "--latents"),
+        (("--threads", "0"), "--threads"),
+    ],
+)
+def test_bad_settings_write_nothing(cli: Cli, tmp_path: Path, flags: tuple[str, ...], message: str) -> None:
+    result = cli("codi", "train", "--out", str(tmp_path / "m"), *flags, code=2)
+    assert message in result.output
+    assert not (tmp_path / "m").exists() and not (tmp_path / "m.partial").exists()
+
+
+def test_existing_out_is_refused_and_kept(tiny: tuple[Cli, Path]) -> None:
+    cli, model = tiny
+    before = (model / "model.safetensors").read_bytes()
+    result = cli("codi", "train", "--out", str(model), *TINY, code=2)
+    assert "exists; pass --force" in result.output
+    assert (model / "model.safetensors").read_bytes() == before
+
+
+def test_eval_refuses_a_directory_that_is_not_tiny_codi(cli: Cli, tmp_path: Path) -> None:
+    result = cli("codi", "eval", "--model", str(tmp_path), code=10)
+    assert "ctexp codi train" in result.output
+    cli("codi", "eval", "--model", str(tmp_path), "--split", "train", code=2)
+
+
+def test_training_is_recorded_like_every_run(tiny: tuple[Cli, Path]) -> None:
+    cli, model = tiny
+    runs = [run for run in cli.json("runs", "--kind", "tinycodi") if run["store_path"] == str(model)]
+    assert len(runs) == 1
+    run = runs[0]
+    assert (run["status"], run["experiment"], run["lens"]) == ("FINISHED", "tinycodi", "-")
+    training = run["config"]["training"]
+    assert training["out"] == str(model) and training["direct"]["latents"] == 0
+    result = json.loads((cli.home / "runs" / run["id"] / "result.json").read_text())
+    assert result["settings"]["latents"] == 3
+    report = cli("report", run["id"], code=2)
+    assert "ctexp codi eval --model" in report.output
