@@ -35,12 +35,13 @@ def run(
         return
     from ctexp.cli.render import run_tables
     from ctexp.experiment.pipeline import plan_run
-    from ctexp.experiment.recorder import Recorder
+    from ctexp.experiment.recorder import recorder_beside
     from ctexp.registry.locations import Locations
 
     locations = Locations.resolve(home, db_url, tracking_uri)
-    plan = plan_run(config)  # bad input fails here, before any output
-    with Recorder(locations) as recorder, Progress(
+    # Bad input fails in plan_run, before any output; the stores open meanwhile.
+    recorder, plan = recorder_beside(locations, lambda: plan_run(config))
+    with recorder, Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
         TimeElapsedColumn(), console=stderr_console(), transient=as_json,
     ) as progress:
