@@ -13,11 +13,16 @@ throughput does not depend on the values. In one process and one run it measures
       ``[rows, d] @ [d, V]`` and the gradient back to the input ``[rows, V] @ [V, d]``;
   (c) reference: the straightforward version: one ``nn.Linear`` per layer called in a Python loop,
       a ``DataLoader`` over per-sample items, full float32 logits per layer and ``F.cross_entropy``,
-      ``torch.optim.AdamW`` with its defaults, ``clip_grad_norm_``, ``float(loss)`` every step.
+      ``torch.optim.AdamW`` with its defaults, ``clip_grad_norm_``, ``float(loss)`` every step;
+  (d) the optimizer's floor: the bytes one step must move over the lens parameters (the parameters
+      and both AdamW moments, float32, each read and written once; a dense gradient is not part of
+      it: ~1.61 GB for the reference's 16 translators of 2048 x 2048) at the device's copy bandwidth,
+      measured here by copying a tensor of that size.
 
-Each is warmed up, then timed step by step; the numbers are medians. The last line is
-``fraction_of_floor=<a/b> speedup_vs_reference=<a/c> states_per_s=<a>`` (rates, so a/b is the
-floor's time over ctexp's). ``--full`` also trains the reference's full size (76,800 states, 8
+A step needs both the products and that pass, so the bound is (b) + (d). Each is warmed up, then
+timed step by step; the numbers are medians. The last line is ``fraction_of_floor=<a/b>
+speedup_vs_reference=<a/c> states_per_s=<a> fraction_of_bound=<(b+d)/a> bound=<products|optimizer>``
+(rates, so a/b is the floor's time over ctexp's; ``bound`` names the larger part). ``--full`` also trains the reference's full size (76,800 states, 8
 epochs) with ``train_lens`` and prints its wall time (the reference took 13 min 15 s; for a GPU).
 
     python bench/train_throughput.py                  # about a minute on 2 CPU cores
@@ -43,6 +48,7 @@ from ctexp.data.store import NormSpec, Store, StoreMeta
 from ctexp.lens.head import Head
 from ctexp.lens.kinds import Lens
 from ctexp.lens.train import SplitTensors, TrainStep, batches, cpu_threads, resolve_dtype, train_lens, training_threads
+from ctexp.lens.update import UPDATE_MODES, resolve_update_mode
 
 HIDDEN, VOCAB, LAYERS, POSITIONS = 2048, 128_256, 16, 6
 FULL_STATES, FULL_EPOCHS = 76_800, 8
@@ -54,6 +60,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="training states per step (as ctexp's)")
     parser.add_argument("--samples", type=int, default=None, help="samples timed per measurement (default: ~1 min)")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
+    parser.add_argument("--update", choices=UPDATE_MODES, default="auto",
+                        help="(a)'s optimiser mode (ctexp.lens.update; auto: compiled on CUDA, dense on CPU)")
     parser.add_argument("--reference-steps", type=int, default=None, help="steps of (c) to time (default: 4)")
     parser.add_argument("--full", action="store_true", help="also train 76,800 states x 8 epochs with train_lens")
     parser.add_argument("--hidden", type=int, default=HIDDEN)
@@ -86,7 +94,8 @@ def _measure(args: argparse.Namespace, device: torch.device, head: Head, dtype: 
     gemm = 2.0 * rows * hidden * vocab  # one unembedding product (multiply-adds x 2)
     print(f"shape: hidden {hidden}, vocab {vocab:,}, {layers} layers, {POSITIONS} positions, layer lens")
     print(f"batch: {args.batch_size} states/step -> {per_step} samples x {layers} layers = {rows} rows; "
-          f"device {device}, threads {torch.get_num_threads()}, products in {str(dtype).removeprefix('torch.')}")
+          f"device {device}, threads {torch.get_num_threads()}, products in {str(dtype).removeprefix('torch.')}, "
+          f"update {resolve_update_mode(args.update, device)}")
 
     steps = max(1, len(data) // per_step - 2)
     a_time = _step_time(head, data, args, per_step, steps, device)  # (a) ctexp's step
@@ -105,17 +114,24 @@ def _measure(args: argparse.Namespace, device: torch.device, head: Head, dtype: 
     print(f"(c) reference:      {c_time * 1e3:9.1f} ms/step  {c_rate:10.1f} states/s  "
           f"{2 * gemm / c_time / 1e9:7.1f} GFLOP/s (same products, fp32)")
 
+    d_time, bandwidth, moved = _optimizer_floor(layers, hidden, steps, device)
+    print(f"(d) optimizer pass: {d_time * 1e3:9.1f} ms/step  {moved / 1e9:.2f} GB over the lens parameters "
+          f"at {bandwidth / 1e9:.1f} GB/s (device copy)")
+    bound = b_time + d_time
+    print(f"bound (b)+(d):      {bound * 1e3:9.1f} ms/step")
+
     if args.full:
         _full(head, hidden, vocab, layers, args.batch_size, args.precision, device)
     print(f"load average (1 min) {load} before, {_load()} after; cpus {os.cpu_count()}")
-    print(f"fraction_of_floor={a_rate / b_rate:.3f} speedup_vs_reference={a_rate / c_rate:.2f} states_per_s={a_rate:.1f}")
+    print(f"fraction_of_floor={a_rate / b_rate:.3f} speedup_vs_reference={a_rate / c_rate:.2f} states_per_s={a_rate:.1f} "
+          f"fraction_of_bound={bound / a_time:.3f} bound={'products' if b_time >= d_time else 'optimizer'}")
 
 
 def _step_time(head: Head, data: SplitTensors, args: argparse.Namespace, per_step: int, steps: int,
                device: torch.device) -> float:
     """(a): ``TrainStep``, the step ``train_lens`` runs, on batches as ``train_lens`` makes them."""
     lens = Lens.build(LensKind.LAYER, args.layers, POSITIONS, args.hidden).to(device)
-    step = TrainStep(lens, head, data, TrainConfig(batch_size=args.batch_size), args.precision)
+    step = TrainStep(lens, head, data, TrainConfig(batch_size=args.batch_size), args.precision, args.update)
     order = torch.randperm(len(data), device=device)
     full = [batch for batch in batches(data, order, per_step) if len(batch[0]) == per_step]
     return _median_time(lambda i: step(*full[i % len(full)]), steps, device)
@@ -132,6 +148,22 @@ def _floor_time(head: Head, dtype: torch.dtype, rows: int, steps: int, device: t
         torch.mm(g, unembed)
 
     return _median_time(products, steps, device)
+
+
+def optimizer_bytes(layers: int, hidden: int) -> int:
+    """Bytes one AdamW step must move over a ``layer`` lens: parameters and both moments, fp32, read and written."""
+    parameters = layers * hidden * hidden + layers * hidden  # translators and biases
+    return parameters * 4 * 3 * 2
+
+
+def _optimizer_floor(layers: int, hidden: int, steps: int, device: torch.device) -> tuple[float, float, int]:
+    """(d): seconds for the optimizer's bytes at the copy bandwidth measured now; the bandwidth; the bytes."""
+    moved = optimizer_bytes(layers, hidden)
+    source = torch.ones(moved // 8, dtype=torch.float32, device=device)  # a copy reads half and writes half
+    target = torch.empty_like(source)
+    seconds = _median_time(lambda _: target.copy_(source), max(3, steps), device)
+    bandwidth = 2 * source.numel() * source.element_size() / seconds
+    return moved / bandwidth, bandwidth, moved
 
 
 def _store(hidden: int, vocab: int, layers: int) -> Store:

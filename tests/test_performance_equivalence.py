@@ -5,7 +5,9 @@ logits, hand-written lens gradients, fused AdamW with clipping folded in, bf16 p
 chosen) is compared with a plain float32 computation: full logits, ``log_softmax``, autograd,
 ``torch.optim.AdamW`` after ``clip_grad_norm_``; and each built-in lens kind's batched forward with
 the lens applied sample by sample. Small random shapes, every registered built-in lens kind with
-every adapter it takes, several -1-padded targets per sample, both norms.
+every adapter it takes, several -1-padded targets per sample, both norms, every update mode
+(``ctexp.lens.update``: dense gradients and fused AdamW; factored gradients in plain torch; the same
+compiled, where each gradient entry is formed inside the update).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from ctexp.lens import train
 from ctexp.lens.head import Head, LossTargets, head_cross_entropy, head_loss_and_grad, scores
 from ctexp.lens.kinds import Lens, lens_kinds
 from ctexp.lens.train import FusedAdamW, SplitTensors, TrainStep, batches, evaluate_split, train_lens
+from ctexp.lens.update import UPDATE_MODES, resolve_update_mode
 
 B, L, T, D, V, K = 7, 3, 4, 16, 53, 4
 
@@ -246,10 +249,19 @@ def test_fused_adamw_is_clip_then_torch_adamw():
         torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize(("kind", "adapter"), TRAINED, ids=TRAINED_IDS)
-@pytest.mark.parametrize("samples", [2, B])
-def test_train_step_matches_plain_step(monkeypatch, kind, adapter, samples):
-    """One full step (loss, gradients, clipping, AdamW) against the plain one (autograd, torch's AdamW)."""
+# compiled: once per kind (each compiles for its shapes), at the size where the factors have the most rows
+MODE_CASES = [
+    (kind, adapter, mode, samples)
+    for kind, adapter in TRAINED
+    for mode in ("dense", "plain", "compiled")
+    for samples in ([2, B] if mode != "compiled" else [B])
+]
+
+
+@pytest.mark.parametrize(("kind", "adapter", "mode", "samples"), MODE_CASES,
+                         ids=[f"{k}-{a.value}-{m}-{n}" for k, a, m, n in MODE_CASES])
+def test_train_step_matches_plain_step(monkeypatch, kind, adapter, mode, samples):
+    """Full steps (loss, gradients, clipping, AdamW) in each update mode against the plain one (autograd, torch's AdamW)."""
     from ctexp.lens import kinds as lens_module
 
     monkeypatch.setattr(lens_module, "GRAM_NORM_MIN_ELEMENTS", 0)  # the clipping norm from the factors, too
@@ -258,7 +270,8 @@ def test_train_step_matches_plain_step(monkeypatch, kind, adapter, samples):
     states, position, targets = make_batch(samples)
     config = TrainConfig(lr=1e-2, weight_decay=1e-2, clip=0.5)
     data = SplitTensors(states, position, targets)
-    step = TrainStep(fast, head, data, config, precision="fp32")
+    step = TrainStep(fast, head, data, config, precision="fp32", update=mode)
+    assert step.update.mode == mode
     reference = torch.optim.AdamW(plain.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     for _ in range(3):
         loss = step(states, position, LossTargets.of(targets))
@@ -273,6 +286,32 @@ def test_train_step_matches_plain_step(monkeypatch, kind, adapter, samples):
     for a, b in zip(fast.parameters(), plain.parameters()):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=0.05 * config.lr)
         assert float((a - b).detach().norm() / b.detach().norm()) < 1e-4
+
+
+def test_update_modes_resolve():
+    assert resolve_update_mode("auto", torch.device("cpu")) == "dense"  # measured fastest on the CPU
+    assert resolve_update_mode("auto", torch.device("cuda")) == "compiled"
+    assert [resolve_update_mode(mode, torch.device("cpu")) for mode in UPDATE_MODES[1:]] == list(UPDATE_MODES[1:])
+    with pytest.raises(ValueError, match="update mode"):
+        resolve_update_mode("fused", torch.device("cpu"))
+
+
+@pytest.mark.parametrize(("kind", "adapter"), TRAINED, ids=TRAINED_IDS)
+@pytest.mark.parametrize("samples", [1, 2, B])
+def test_factors_are_the_gradient(kind, adapter, samples):
+    """``Lens.gradients``: the factored weights' products and Gram norms are ``write_grads``'s gradients."""
+    head, lens = make_head(), make_lens(kind, adapter)
+    states, position, targets = make_batch(samples)
+    _, want = fast_grads(lens, head, states, position, targets)
+    with torch.no_grad():
+        _, grad = head_loss_and_grad(lens(states, position), head, targets, mean=True)
+        factored = lens.gradients(states, position, grad)
+    assert set(factored) == ({"weight"} if kind != "identity" else set())
+    for (name, param), expected in zip(lens.named_parameters(), want, strict=True):
+        got = factored[name].dense() if name in factored else param.grad
+        assert_grads_close([got], [expected], rtol=1e-5)
+        if name in factored:
+            assert float(factored[name].squared_norm()) == pytest.approx(float(expected.square().sum()), rel=1e-4)
 
 
 def _split(n: int, seed: int) -> SplitTensors:
@@ -336,3 +375,48 @@ def test_small_steps_train_on_one_thread_and_restore_the_setting():
                TrainConfig(batch_size=L, epochs=1), seed=0, on_epoch=lambda _: seen.append(torch.get_num_threads()))
     assert seen == [1]
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("mode", ["dense", "plain"])
+def test_graph_stand_in_trains_as_the_eager_step(mode):
+    """Static buffers and replay (``graph="static"``, the CUDA graph's stand-in) train exactly as eager steps.
+
+    The warm-up batches train as they are, full batches go through the static buffers, and the last
+    partial batch of each epoch still trains (run as it is).
+    """
+    head = make_head()
+    train_split, val_split = _split(23, 1), _split(12, 2)
+    config = TrainConfig(batch_size=3 * L, epochs=2, patience=2, lr=1e-2)
+    results = {}
+    for graph in ("off", "static"):
+        lens = make_lens(LensKind.LAYER, AdapterKind.BIAS)
+        outcome = train_lens(lens, head, train_split, val_split, config, seed=3, precision="fp32",
+                             update=mode, graph=graph)
+        results[graph] = ([e.train_loss for e in outcome.epochs], lens.state_dict())
+    assert results["static"][0] == pytest.approx(results["off"][0], rel=1e-6)
+    for name, value in results["off"][1].items():
+        torch.testing.assert_close(results["static"][1][name], value, rtol=1e-6, atol=1e-7)
+
+
+def test_graph_stand_in_replays_full_batches_and_runs_the_partial_one():
+    head, lens = make_head(), make_lens(LensKind.LAYER, AdapterKind.NONE)
+    data = _split(11, 4)
+    step = TrainStep(lens, head, data, TrainConfig(batch_size=2 * L), precision="fp32", graph="static")
+    order = torch.arange(11)
+    for states, position, targets in batches(data, order, 2):  # 5 full batches, then 1 sample
+        step(states, position, targets)
+    assert step.graphed.replays == 5 - step.graphed.warmup
+    assert train.resolve_graph_mode("auto", torch.device("cpu")) == "off"
+    with pytest.raises(ValueError, match="CUDA"):
+        train.resolve_graph_mode("cuda", torch.device("cpu"))
+
+
+def test_evaluation_batches_grow_with_the_device_memory():
+    """On CUDA, evaluation batches are sized from the free memory; on CPU they keep their bounds."""
+    cpu = train.eval_batch_samples(16, 128_256, torch.device("cpu"))
+    assert cpu == train.EVAL_LOGIT_ELEMENTS // (16 * 128_256)
+    small_gpu = train.eval_batch_samples(16, 128_256, torch.device("cuda"), free_bytes=1 << 30)
+    big_gpu = train.eval_batch_samples(16, 128_256, torch.device("cuda"), free_bytes=130 << 30)
+    assert small_gpu == cpu < big_gpu
+    assert big_gpu * 16 * 128_256 <= train.EVAL_MAX_LOGIT_ELEMENTS
+    assert train.eval_batch_samples(16, 1_586, torch.device("cuda"), free_bytes=130 << 30) * 16 > train.EVAL_BATCH_STATES

@@ -202,6 +202,44 @@ def test_runs_on_one_store_on_disk_share_its_dataset(tmp_path: Path) -> None:
     assert json.loads(datasets[0].source) == {"uri": str(out.resolve())}
 
 
+def test_a_dataset_another_worker_inserted_first_is_shared_not_an_error(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two sweep workers start runs on one store at once: both miss the dataset, one insert loses the race."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    first, second = Tracker(uri), Tracker(uri)
+    dataset = store_dataset(build_world(build_config(None, SMALL).world))
+    log_inputs = second._client.log_inputs
+    lost = []
+
+    def losing_the_race(run_id: str, datasets: list) -> None:
+        if not lost:  # the other worker inserts the row between this worker's lookup and its insert
+            first.start_run(experiment=EXPERIMENT, run_name="a", ctexp_run_id="a", params={}, tags={}, dataset=dataset)
+            lost.append(run_id)
+            raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, "
+                                  "datasets.name, datasets.digest")
+        log_inputs(run_id, datasets)
+
+    monkeypatch.setattr(second._client, "log_inputs", losing_the_race)
+    run_id = second.start_run(experiment=EXPERIMENT, run_name="b", ctexp_run_id="b", params={}, tags={},
+                              dataset=dataset)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    (dataset_input,) = client.get_run(run_id).inputs.dataset_inputs
+    assert lost == [run_id] and dataset_input.dataset.digest == dataset.digest
+    assert client.get_run(run_id).info.status == "RUNNING"
+
+
+def test_other_refusals_to_log_the_dataset_still_fail_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db")
+
+    def refusing(run_id: str, datasets: list) -> None:
+        raise MlflowException("dataset schema too large")
+
+    monkeypatch.setattr(tracker._client, "log_inputs", refusing)
+    with pytest.raises(TrackingError, match="log the run's dataset"):
+        tracker.start_run(experiment=EXPERIMENT, run_name="c", ctexp_run_id="c", params={}, tags={},
+                          dataset=store_dataset(build_world(build_config(None, SMALL).world)))
+
+
 def test_epoch_metrics_have_a_history(store: Store, recorded: Recorded) -> None:
     history = store.client.get_metric_history(recorded.mlflow_run_id, "val_loss")
     assert [m.step for m in history] == [1, 2]

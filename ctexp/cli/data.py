@@ -87,8 +87,11 @@ def extract(
 
     Example: ctexp extract --model ckpt/codi --base models/Llama-3.2-1B --data gsm8k:test.jsonl --out stores/codi
     """
-    from ctexp.experiment.pipeline import resolve_device
-    from ctexp.model.extraction import make_config, prepare_extraction
+    from ctexp.timings import phase
+
+    with phase("imports"):
+        from ctexp.experiment.pipeline import resolve_device
+        from ctexp.model.extraction import make_config, prepare_extraction
 
     config = make_config(
         model=model,
@@ -105,9 +108,8 @@ def extract(
         shard_size=shard_size,
         attention=attention,
     )
-    extraction = prepare_extraction(
-        config, out, resolve_device(device), force=force
-    )  # bad input fails here, before output
+    with phase("model load and LoRA merge"):
+        extraction = prepare_extraction(config, out, resolve_device(device), force=force)  # bad input fails here
     with Progress(
         TextColumn("[bold]extracting"),
         BarColumn(),
@@ -120,7 +122,8 @@ def extract(
         transient=as_json,
     ) as progress:
         task = progress.add_task("extracting", total=len(extraction.problems), status="", average=None)
-        result = extraction.run(progress=_on_progress(progress, task))
+        with phase("extraction"):
+            result = extraction.run(progress=_on_progress(progress, task))
     if as_json:
         typer.echo(json.dumps(_summary(result), indent=2))
         return

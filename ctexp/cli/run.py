@@ -33,14 +33,20 @@ def run(
     if dry_run:
         print_json({"config": config.model_dump(mode="json"), "config_hash": config.config_hash()})
         return
-    from ctexp.cli.render import run_tables
-    from ctexp.experiment.pipeline import plan_run
-    from ctexp.experiment.recorder import recorder_beside
-    from ctexp.registry.locations import Locations
+    from ctexp.timings import phase
+
+    with phase("imports"):
+        from ctexp.cli.render import run_tables
+        from ctexp.experiment.pipeline import RunPlan, plan_run
+        from ctexp.experiment.recorder import recorder_beside
+        from ctexp.registry.locations import Locations
+
+    def load() -> RunPlan:
+        with phase("store load"):
+            return plan_run(config)  # bad input fails here, before any output
 
     locations = Locations.resolve(home, db_url, tracking_uri)
-    # Bad input fails in plan_run, before any output; the stores open meanwhile.
-    recorder, plan = recorder_beside(locations, lambda: plan_run(config))
+    recorder, plan = recorder_beside(locations, load)  # the stores open while the store loads
     with recorder, Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
         TimeElapsedColumn(), console=stderr_console(), transient=as_json,

@@ -28,6 +28,7 @@ from ctexp.home import default_home
 from ctexp.lens.head import Head
 from ctexp.lens.kinds import Lens
 from ctexp.lens.train import SplitTensors, evaluate_split, train_lens
+from ctexp.timings import phase
 
 
 def resolve_device(choice: DeviceChoice) -> torch.device:
@@ -106,20 +107,21 @@ def run_experiment(
         config.lens, len(dataset.layers), store.meta.n_positions, store.meta.hidden, config.adapter,
         config.adapter_rank, config.seed,
     ).to(device)
-    outcome = train_lens(lens, head, splits["train"], splits["val"], config.train, config.seed, on_epoch)
+    with phase("training"):  # validation each epoch included
+        outcome = train_lens(lens, head, splits["train"], splits["val"], config.train, config.seed, on_epoch)
 
-    test = dataset.samples["test"]
-    lens_table = StateScores.from_scores(test, evaluate_split(lens, head, splits["test"]))
-    identity = Lens.build(LensKind.IDENTITY, len(dataset.layers), store.meta.n_positions, store.meta.hidden).to(device)
-    identity_table = StateScores.from_scores(test, evaluate_split(identity, head, splits["test"]))
-    prior_table = prior_scores(dataset.samples["train"], test, store.meta.vocab, len(dataset.layers))
-
-    seed = config.seed
-    lens_bd = breakdown(lens_table, dataset.layers, dataset.positions, seed)
-    baselines = {
-        name: breakdown(table, dataset.layers, dataset.positions, seed)
-        for name, table in (("prior", prior_table), ("identity", identity_table))
-    }
+    with phase("evaluation"):
+        test = dataset.samples["test"]
+        lens_table = StateScores.from_scores(test, evaluate_split(lens, head, splits["test"]))
+        identity = Lens.build(LensKind.IDENTITY, len(dataset.layers), store.meta.n_positions, store.meta.hidden)
+        identity_table = StateScores.from_scores(test, evaluate_split(identity.to(device), head, splits["test"]))
+        prior_table = prior_scores(dataset.samples["train"], test, store.meta.vocab, len(dataset.layers))
+        seed = config.seed
+        lens_bd = breakdown(lens_table, dataset.layers, dataset.positions, seed)
+        baselines = {
+            name: breakdown(table, dataset.layers, dataset.positions, seed)
+            for name, table in (("prior", prior_table), ("identity", identity_table))
+        }
     run_id = run_id or uuid.uuid4().hex
     result = RunResult(
         run_id=run_id,
@@ -146,7 +148,8 @@ def run_experiment(
         samples=pick_samples(lens_table, dataset.layers, dataset.aligned, tokenizer, seed),
     )
     result = result.model_copy(update={"seconds": round(time.perf_counter() - started, 3)})
-    write_run_dir(result, lens, dataset, lens_table, home or default_home())
+    with phase("results recording"):
+        write_run_dir(result, lens, dataset, lens_table, home or default_home())
     return result
 
 

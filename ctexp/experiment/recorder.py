@@ -46,6 +46,7 @@ from ctexp.registry.tracking.datasets import store_dataset
 from ctexp.registry.tracking.describe import NOTE_TAG, describe_unfinished
 from ctexp.registry.tracking.names import flatten_config
 from ctexp.registry.tracking.tracker import Tracker
+from ctexp.timings import phase
 
 HEARTBEAT_SECONDS = 30.0
 T = TypeVar("T")
@@ -154,13 +155,14 @@ class Recorder:
 
     def __init__(self, locations: Locations) -> None:
         self.locations = locations
-        self.registry = locations.registry()
-        try:
-            self.tracker = locations.tracker()
-            self.tracker.check()
-        except BaseException:
-            self.registry.close()
-            raise
+        with phase("MLflow setup"):  # the results database and the tracker, opened and checked
+            self.registry = locations.registry()
+            try:
+                self.tracker = locations.tracker()
+                self.tracker.check()
+            except BaseException:
+                self.registry.close()
+                raise
 
     def __enter__(self) -> Self:
         return self
@@ -250,6 +252,8 @@ def _run_and_record(
     dataset = store_dataset(plan.prepared.store)
 
     def start_in_mlflow() -> None:
+        with phase("MLflow setup"):  # importing MLflow, opening (in a fresh home, creating) its store
+            tracker.warm_up()
         writer.mlflow_run_id = tracker.start_run(
             experiment=config.experiment, run_name=name, ctexp_run_id=run_id, params=flatten_config(settings),
             tags=tags, parent_run_id=parent_mlflow_run_id, dataset=dataset,
@@ -275,7 +279,8 @@ def _run_and_record(
             run_dir = locations.home / "runs" / run_id
             writer.submit(lambda: _finish_in_mlflow(tracker, writer.mlflow_run_id or "", result, run_dir))
             writer.drain()
-            registry.finish_run(result)
+            with phase("results recording"):
+                registry.finish_run(result)
             return result
     except KeyboardInterrupt as stop:
         terminated = isinstance(stop, Terminated)
@@ -304,7 +309,10 @@ def _finish_in_mlflow(tracker: Tracker, mlflow_run_id: str, result: RunResult, r
     from ctexp.analysis.figures import save_figures  # matplotlib: only a recorded run pays its import
 
     with tempfile.TemporaryDirectory(prefix="ctexp-figures-") as scratch:
-        tracker.finish_run(mlflow_run_id, result, run_dir, save_figures(result, Path(scratch)))
+        with phase("figures"):
+            figures = save_figures(result, Path(scratch))
+        with phase("results recording"):
+            tracker.finish_run(mlflow_run_id, result, run_dir, figures)
 
 
 def _end(

@@ -182,14 +182,19 @@ def _head_loss_and_grad(
         part = slice(start * n_layers, end * n_layers)
         chunk_rows = rows if whole else rows[part]
         logits = torch.mm(chunk_rows if dtype == chunk_rows.dtype else chunk_rows.to(dtype), unembed.t())
-        logits = logits if logits.dtype == torch.float32 else logits.float()  # softmax in float32
-        log_probs = torch.log_softmax(logits, dim=-1).view(n, n_layers, -1)
         idx, w = (index, weight) if whole else (index[start:end], weight[start:end])  # (n, L, K)
-        torch.neg((log_probs.gather(2, idx) * w).sum(-1), out=loss if whole else loss[start:end])
-        del log_probs
+        picked = logits.view(n, n_layers, -1).gather(2, idx).float()  # the targets' logits
+        # Softmax in float32 by hand, in place where it can be: exp(x - max), its sum, and the loss as
+        # logsumexp - logit; one pass fewer than log_softmax then softmax (and the bf16 -> fp32 cast
+        # rides on the subtraction).
+        top = logits.amax(-1, keepdim=True).float()
+        probs = (logits.sub_(top) if logits.dtype == torch.float32 else torch.sub(logits, top)).exp_()
+        del logits
+        total = probs.sum(-1, keepdim=True)
+        lse = (top + total.log()).view(n, n_layers, 1)
+        torch.sum((lse - picked) * w, dim=-1, out=loss if whole else loss[start:end])
         if need_grad:
-            dlogits = torch.softmax(logits, dim=-1).view(n, n_layers, -1)
-            del logits
+            dlogits = probs.div_(total).view(n, n_layers, -1)
             dlogits = dlogits.scatter_add_(2, idx, w.neg()).view(n * n_layers, -1)  # softmax - targets
             out = grad if whole else grad[part]
             if dtype == torch.float32:

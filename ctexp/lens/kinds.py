@@ -18,6 +18,11 @@ gradients. A kind may bring a hand-written backward for that (``write_translator
 batched products, no graph; at the small shapes of a lens step autograd's bookkeeping costs more than
 the arithmetic); a kind without one gets autograd (forward with grad, backward of
 ``(out * grad_out).sum()``), which is correct for any ``translate`` and only slower.
+
+The residual kinds give their translator weights' gradients as ``Factors`` (``Lens.gradients``): each
+is a product of thin matrices (the states and output gradients of the rows of one translator), so
+the optimiser (``ctexp.lens.update``) can clip from small Gram matrices and form each gradient entry
+where it uses it instead of reading a dense gradient back.
 """
 
 from __future__ import annotations
@@ -33,9 +38,10 @@ from torch import nn
 from ctexp.config import AdapterKind
 from ctexp.errors import ConfigError
 from ctexp.lens.adapters import grad_buffer, position_adapter
+from ctexp.lens.factors import Factors
 from ctexp.lens.saved import LENS_JSON, LensSpec, read_spec, read_weights, write_lens
 
-GRAM_NORM_MIN_ELEMENTS = 1 << 22  # translator weights from which ``LayerLens.write_grads`` returns the norm
+GRAM_NORM_MIN_ELEMENTS = 1 << 22  # factored weights from which ``Lens.write_grads`` returns the norm
 
 LensClass = TypeVar("LensClass", bound="type[Lens]")
 
@@ -137,20 +143,43 @@ class Lens(nn.Module):
         indexed by position are summed with a one-hot matrix product (deterministic, no atomics).
         Without one: autograd. ``h`` (the input states) is a constant.
 
-        Returns the squared norm of all the gradients where a kind gives it more cheaply than a pass
-        over them (for clipping; see ``LayerLens``), else None.
+        Returns the squared norm of all the gradients where their factors give it more cheaply than
+        a pass over them (large translators, few rows: for clipping), else None.
+        """
+        factored = self.gradients(h, position, grad_out)
+        for name, factors in factored.items():
+            factors.dense(out=grad_buffer(self.get_parameter(name)))
+        large = [f for f in factored.values() if f.numel() >= GRAM_NORM_MIN_ELEMENTS and f.thin()]
+        if not factored or len(large) < len(factored):
+            return None
+        others = [p.grad for name, p in self.named_parameters() if p.requires_grad and name not in factored]
+        squared = torch.stack([f.squared_norm() for f in large]).sum()
+        return squared + sum(torch.linalg.vector_norm(g).square() for g in others) if others else squared
+
+    def gradients(self, h: torch.Tensor, position: torch.Tensor, grad_out: torch.Tensor) -> dict[str, Factors]:
+        """``write_grads`` without forming the large gradients: those come back as ``Factors`` by parameter name.
+
+        Every other trainable parameter's ``.grad`` is written (small ones: biases, adapters; and
+        every parameter of a kind without a hand-written backward).
         """
         if not self.has_fast_backward():
             self._autograd_grads(h, position, grad_out)
-            return None
+            return {}
         onehot_t, adapted = None, self.adapter is not AdapterKind.NONE  # the enum: see forward
         if self.indexed_by_position or adapted:
             slots = torch.arange(self.n_positions, device=position.device).unsqueeze(1)
             onehot_t = (slots == position.unsqueeze(0)).to(grad_out.dtype)  # (T, B): no range check, no sync
-        self.write_translator_grads(h, position, grad_out, onehot_t)
+        factored = self.translator_factors(h, position, grad_out, onehot_t)
         if adapted:
             self.position_adapter.write_grads(h, position, grad_out, onehot_t)
-        return None
+        return factored
+
+    def translator_factors(
+        self, h: torch.Tensor, position: torch.Tensor, g: torch.Tensor, onehot_t: torch.Tensor | None
+    ) -> dict[str, Factors]:
+        """The kind's own gradients: factored ones returned by name, the rest written (``write_translator_grads``)."""
+        self.write_translator_grads(h, position, g, onehot_t)
+        return {}
 
     def _autograd_grads(self, h: torch.Tensor, position: torch.Tensor, grad_out: torch.Tensor) -> None:
         """``write_grads`` for kinds without a hand-written backward: forward with grad, then backward."""
@@ -297,6 +326,34 @@ class ResidualLens(Lens):
     def translate(self, h: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         return h + self.delta(h, position)
 
+    @classmethod
+    def has_fast_backward(cls) -> bool:
+        """Residual kinds are fast where they give their weight's gradient as factors."""
+        return cls.weight_factors is not ResidualLens.weight_factors
+
+    def weight_factors(
+        self, h: torch.Tensor, position: torch.Tensor, g: torch.Tensor, onehot_t: torch.Tensor | None
+    ) -> Factors:
+        """The gradient of ``weight`` as ``left^T right`` over the translator axes."""
+        raise NotImplementedError
+
+    def write_bias_grad(self, g: torch.Tensor, onehot_t: torch.Tensor | None) -> None:
+        """Set ``bias.grad`` to the gradient of ``(delta * g).sum()``."""
+        raise NotImplementedError
+
+    def translator_factors(
+        self, h: torch.Tensor, position: torch.Tensor, g: torch.Tensor, onehot_t: torch.Tensor | None
+    ) -> dict[str, Factors]:
+        self.write_bias_grad(g, onehot_t)
+        return {"weight": self.weight_factors(h, position, g, onehot_t)}
+
+    def write_translator_grads(
+        self, h: torch.Tensor, position: torch.Tensor, g: torch.Tensor, onehot_t: torch.Tensor | None
+    ) -> None:
+        """The weight's gradient formed from its factors (a few batched products), the bias's summed."""
+        self.weight_factors(h, position, g, onehot_t).dense(out=grad_buffer(self.weight))
+        self.write_bias_grad(g, onehot_t)
+
 
 @register_lens_kind("global")
 class GlobalLens(ResidualLens):
@@ -308,12 +365,14 @@ class GlobalLens(ResidualLens):
     def delta(self, h: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         return h @ self.weight + self.bias  # (B, L, d)
 
-    def write_translator_grads(
+    def weight_factors(
         self, h: torch.Tensor, position: torch.Tensor, g: torch.Tensor, onehot_t: torch.Tensor | None
-    ) -> None:
-        """One (d, B*L) @ (B*L, d) product: every state shares the translator."""
+    ) -> Factors:
+        """(B*L, d) and (B*L, d): every state shares the translator."""
         hidden = h.shape[2]
-        torch.mm(h.reshape(-1, hidden).t(), g.reshape(-1, hidden), out=grad_buffer(self.weight))
+        return Factors(h.reshape(-1, hidden), g.reshape(-1, hidden))
+
+    def write_bias_grad(self, g: torch.Tensor, onehot_t: torch.Tensor | None) -> None:
         torch.sum(g, dim=(0, 1), out=grad_buffer(self.bias))
 
 
@@ -328,38 +387,14 @@ class LayerLens(ResidualLens):
         # One batched product over layers: (L, B, d) @ (L, d, d), bias added by the same kernel.
         return torch.baddbmm(self.bias.unsqueeze(1), h.transpose(0, 1), self.weight).transpose(0, 1)
 
-    def write_translator_grads(
+    def weight_factors(
         self, h: torch.Tensor, position: torch.Tensor, g: torch.Tensor, onehot_t: torch.Tensor | None
-    ) -> None:
-        """Per layer H_l^T G_l as one batched product; for 1 or 2 samples, outer products instead.
+    ) -> Factors:
+        """Per layer H_l^T G_l: (L, B, d) and (L, B, d)."""
+        return Factors(h.transpose(0, 1), g.transpose(0, 1))
 
-        A step of 1 or 2 samples is a rank-1 or rank-2 update: multiply-adds run at memory speed,
-        while a gemm with K <= 2 does not.
-        """
-        batch = h.shape[0]
-        if batch <= 2:
-            h_t, g_t = h.transpose(0, 1), g.transpose(0, 1)  # (L, B, d)
-            torch.mul(h_t[:, 0].unsqueeze(2), g_t[:, 0].unsqueeze(1), out=grad_buffer(self.weight))
-            if batch == 2:
-                self.weight.grad.addcmul_(h_t[:, 1].unsqueeze(2), g_t[:, 1].unsqueeze(1))
-        else:
-            torch.bmm(h.permute(1, 2, 0), g.transpose(0, 1), out=grad_buffer(self.weight))  # (L, d, B) @ (L, B, d)
+    def write_bias_grad(self, g: torch.Tensor, onehot_t: torch.Tensor | None) -> None:
         torch.sum(g, dim=0, out=grad_buffer(self.bias))  # (L, d)
-
-    def write_grads(self, h: torch.Tensor, position: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor | None:
-        """``Lens.write_grads``, returning the gradients' squared norm from the factors for large lenses.
-
-        Large translators and few samples a step: the layer-l weight gradient H_l^T G_l has squared
-        norm sum((H_l H_l^T) * (G_l G_l^T)), B x B products instead of reading L x d x d again.
-        """
-        super().write_grads(h, position, grad_out)
-        batch, _, hidden = h.shape
-        if self.weight.numel() < GRAM_NORM_MIN_ELEMENTS or 8 * batch > hidden:
-            return None
-        h_t, g_t = h.transpose(0, 1), grad_out.transpose(0, 1)  # (L, B, d)
-        grams = torch.bmm(h_t, h_t.transpose(1, 2)) * torch.bmm(g_t, g_t.transpose(1, 2))  # (L, B, B)
-        others = [p.grad for p in self.parameters() if p is not self.weight]  # small: read directly
-        return grams.sum() + torch.stack([torch.linalg.vector_norm(x).square() for x in others]).sum()
 
 
 @register_lens_kind("position")
@@ -376,13 +411,15 @@ class PositionLens(ResidualLens):
         every = torch.einsum("bld,tde->blte", h, self.weight) + self.bias  # (B, L, T, d)
         return every[rows, :, position]
 
-    def write_translator_grads(
+    def weight_factors(
         self, h: torch.Tensor, position: torch.Tensor, g: torch.Tensor, onehot_t: torch.Tensor | None
-    ) -> None:
-        """States masked by position, then one batched product per position (no per-sample scatter)."""
+    ) -> Factors:
+        """States masked by position (T, B*L, d) against all gradients (B*L, d): no per-sample scatter."""
         batch, n_layers, hidden = h.shape
-        masked = (onehot_t.view(-1, batch, 1, 1) * h).reshape(-1, batch * n_layers, hidden)  # (T, B*L, d)
-        torch.matmul(masked.transpose(1, 2), g.reshape(batch * n_layers, hidden), out=grad_buffer(self.weight))
+        masked = (onehot_t.view(-1, batch, 1, 1) * h).reshape(-1, batch * n_layers, hidden)
+        return Factors(masked, g.reshape(batch * n_layers, hidden))
+
+    def write_bias_grad(self, g: torch.Tensor, onehot_t: torch.Tensor | None) -> None:
         torch.mm(onehot_t, g.sum(1), out=grad_buffer(self.bias))  # (T, d)
 
 
@@ -400,15 +437,16 @@ class LayerPositionLens(ResidualLens):
         every = torch.einsum("bld,ltde->blte", h, self.weight) + self.bias  # (B, L, T, d)
         return every[rows, :, position]
 
-    def write_translator_grads(
+    def weight_factors(
         self, h: torch.Tensor, position: torch.Tensor, g: torch.Tensor, onehot_t: torch.Tensor | None
-    ) -> None:
-        """Per layer, states masked by position: one batched product over (layer, position)."""
+    ) -> Factors:
+        """Per layer, states masked by position (L, T, B, d) against the layer's gradients (L, 1, B, d)."""
         batch = h.shape[0]
-        by_layer = g.transpose(0, 1)  # (L, B, d)
-        masked = onehot_t.view(1, -1, batch, 1) * h.transpose(0, 1).unsqueeze(1)  # (L, T, B, d)
-        torch.matmul(masked.transpose(-1, -2), by_layer.unsqueeze(1), out=grad_buffer(self.weight))  # (L, T, d, d)
-        torch.matmul(onehot_t, by_layer, out=grad_buffer(self.bias))  # (L, T, d)
+        masked = onehot_t.view(1, -1, batch, 1) * h.transpose(0, 1).unsqueeze(1)
+        return Factors(masked, g.transpose(0, 1).unsqueeze(1))
+
+    def write_bias_grad(self, g: torch.Tensor, onehot_t: torch.Tensor | None) -> None:
+        torch.matmul(onehot_t, g.transpose(0, 1), out=grad_buffer(self.bias))  # (L, T, d)
 
 
 def _adapter_kind(adapter: AdapterKind | str) -> AdapterKind:

@@ -9,9 +9,9 @@ A step (``TrainStep``) does no Python work per layer, position or sample: batche
 blocks gathered by index from the split resident on the device (``batches``), the lens applies all
 its translators in one batched product, the loss against the frozen head and its gradient come from
 ``head.head_loss_and_grad`` (chunked; the two unembedding products per step are the only large
-ones), ``Lens.write_grads`` gives the parameter gradients (without an autograd graph for every
-built-in kind; autograd for a kind without a hand-written backward), and
-``FusedAdamW`` clips and updates in one fused pass. The unembedding products run in bfloat16 where
+ones), and ``ctexp.lens.update.LensUpdate`` turns the gradient at the lens output into parameter
+updates: clipping, weight decay and AdamW (dense gradients and torch's fused AdamW on CPU; on CUDA one
+compiled pass that forms each translator's gradient from its thin factors where it is used). The unembedding products run in bfloat16 where
 that is faster (``resolve_dtype``: CUDA; CPUs with native bf16 and a large head) with float32
 softmax; translators, norm, master weights and optimizer stay float32. Nothing in a step waits for
 the device: the epoch's training loss is summed on the device and read once per epoch. Top-k is
@@ -31,12 +31,20 @@ import torch
 
 from ctexp.config import TrainConfig
 from ctexp.errors import TrainingDiverged
+from ctexp.lens.graph import GraphedStep, resolve_graph_mode
 from ctexp.lens.head import Head, LossTargets, head_loss_and_grad, scores
 from ctexp.lens.kinds import Lens
 from ctexp.lens.metrics import EpochMetrics
+from ctexp.lens.update import FusedAdamW, LensUpdate
+
+__all__ = ["FusedAdamW", "SplitTensors", "TrainStep", "batches", "evaluate_split", "train_lens"]
 
 EVAL_BATCH_STATES = 8192  # at most this many states per evaluation batch ...
 EVAL_LOGIT_ELEMENTS = 1 << 26  # ... and at most this many [states, vocab] logits at once (256 MiB in fp32)
+# On CUDA both bounds grow with the device's free memory: logits of at most 1/EVAL_MEMORY_SHARE of it
+# (``scores`` holds about three [states, vocab] float32 tensors at once), up to EVAL_MAX_LOGIT_ELEMENTS.
+EVAL_MEMORY_SHARE = 16
+EVAL_MAX_LOGIT_ELEMENTS = 1 << 30
 # On CPUs with native bf16 products, bf16 pays off from heads of about 0.5M elements (hidden x vocab):
 # a whole step, 32 states, 1 thread, AMD Zen 4: 64 x 1,586 (the default world) 0.55 ms fp32 / 0.57 ms
 # bf16; 128 x 8,000 3.8 / 2.3 ms; 2,048 x 32,000 280 / 178 ms; 2,048 x 128,256 860 / 491 ms. Below,
@@ -102,79 +110,38 @@ def _cpu_has_bf16() -> bool:
         return False
 
 
-class FusedAdamW:
-    """AdamW with gradient-norm clipping, as ``clip_grad_norm_`` then ``torch.optim.AdamW(fused=True)``.
-
-    The clipping factor goes to the fused kernel as its gradient divisor instead of a pass that
-    rescales every gradient, and the per-step Python of ``torch.optim`` (hooks, grouping, state
-    look-ups) is skipped: for small lenses that overhead is most of a step. Where the fused kernel is
-    missing (other devices, other torch builds), the same two public calls are made instead.
-    """
-
-    def __init__(self, params: list[torch.Tensor], config: TrainConfig) -> None:
-        self.params, self.max_norm = params, config.clip
-        self.hyper = {"lr": config.lr, "beta1": 0.9, "beta2": 0.999, "weight_decay": config.weight_decay, "eps": 1e-8}
-        devices = {p.device.type for p in params}
-        self.fused = (
-            hasattr(torch, "_fused_adamw_") and hasattr(torch, "_foreach_norm")
-            and devices <= {"cpu", "cuda"} and len(devices) == 1
-            and all(p.dtype == torch.float32 for p in params)
-        )
-        if self.fused:
-            self.exp_avg = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]
-            self.exp_avg_sq = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]
-            self.count = torch.zeros((), dtype=torch.float32, device=params[0].device)
-            self.counts = [self.count] * len(params)  # one step count shared by every tensor
-        else:
-            self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-
-    def step(self, squared_norm: torch.Tensor | None = None) -> None:
-        """Clip the gradients' global norm to ``clip`` and take one AdamW step. No host synchronisation.
-
-        ``squared_norm``: the gradients' squared global norm where already known (else computed here).
-        """
-        if not self.fused:
-            torch.nn.utils.clip_grad_norm_(self.params, self.max_norm, foreach=True)
-            self.optimizer.step()
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        if squared_norm is not None:
-            norm = squared_norm.sqrt()
-        else:
-            norms = torch._foreach_norm(grads)  # what clip_grad_norm_ computes, in one call
-            norm = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
-        # clip_grad_norm_ multiplies by min(1, max_norm / (norm + 1e-6)); the kernel divides by its inverse.
-        divisor = norm.add_(1e-6).div_(self.max_norm).clamp_(min=1.0)
-        self.count.add_(1)
-        torch._fused_adamw_(
-            self.params, grads, self.exp_avg, self.exp_avg_sq, [], self.counts,
-            amsgrad=False, maximize=False, grad_scale=divisor, found_inf=None, **self.hyper,
-        )
-
-
 class TrainStep:
     """One optimiser step of ``train_lens`` (what the bench times, too).
 
     ``head.head_loss_and_grad`` gives the batch's mean loss and its gradient with respect to the
-    lens outputs, ``Lens.write_grads`` turns that into parameter gradients (with the kind's
-    hand-written backward where it has one, no autograd graph: at small shapes its bookkeeping costs
-    more than the arithmetic; else by autograd), ``FusedAdamW`` clips and updates.
+    lens outputs, ``LensUpdate`` (mode ``update``: ``ctexp.lens.update``) clips and updates from it
+    (with the kind's hand-written backward where it has one, no autograd graph: at small shapes its
+    bookkeeping costs more than the arithmetic; else by autograd).
     Returns the mean loss as a device tensor: nothing in a step waits for the device.
     """
 
     def __init__(
-        self, lens: Lens, head: Head, data: SplitTensors, config: TrainConfig, precision: str = "auto"
+        self, lens: Lens, head: Head, data: SplitTensors, config: TrainConfig, precision: str = "auto",
+        update: str = "auto", graph: str = "auto",
     ) -> None:
         self.lens, self.head = lens, head
         self.dtype = resolve_dtype(precision, data.states.device, head)
-        self.optimizer = FusedAdamW([p for p in lens.parameters() if p.requires_grad], config)
+        self.update = LensUpdate(lens, config, update)
+        graph = resolve_graph_mode(graph, data.states.device)
+        self.graphed = GraphedStep(self.eager, graph) if graph != "off" else None
 
     def __call__(self, states: torch.Tensor, position: torch.Tensor, targets: LossTargets) -> torch.Tensor:
+        """One step; on CUDA a replayed graph for batches of the captured shape (``ctexp.lens.graph``)."""
+        if self.graphed is not None:
+            return self.graphed(states, position, targets)
+        return self.eager(states, position, targets)
+
+    def eager(self, states: torch.Tensor, position: torch.Tensor, targets: LossTargets) -> torch.Tensor:
+        """The step as it is, op by op."""
         with torch.no_grad():
             h = self.lens(states, position)
             loss, grad = head_loss_and_grad(h, self.head, targets, self.dtype, mean=True)
-            squared_norm = self.lens.write_grads(states, position, grad)
-        self.optimizer.step(squared_norm)
+            self.update(states, position, grad)
         return loss
 
 
@@ -200,11 +167,10 @@ def batches(data: SplitTensors, order: torch.Tensor, per_step: int, targets: Los
 def evaluate_split(lens: Lens, head: Head, data: SplitTensors) -> dict[str, torch.Tensor]:
     """Scores of every state of a split, in large no-grad float32 batches (see ``head.scores``).
 
-    Batches are bounded both in states and in logits held at once (``EVAL_LOGIT_ELEMENTS``).
+    Batches are sized from the device (``eval_batch_samples``), whatever the training batch size.
     """
     lens.eval()
-    n_layers = max(1, data.states.shape[1])
-    per_batch = max(1, min(EVAL_BATCH_STATES // n_layers, EVAL_LOGIT_ELEMENTS // (n_layers * head.vocab)))
+    per_batch = eval_batch_samples(data.states.shape[1], head.vocab, data.states.device)
     parts: list[dict[str, torch.Tensor]] = []
     with torch.no_grad():
         for start in range(0, len(data), per_batch):
@@ -212,6 +178,22 @@ def evaluate_split(lens: Lens, head: Head, data: SplitTensors) -> dict[str, torc
             logits = head(lens(data.states[window], data.position[window]))
             parts.append(scores(logits, data.targets[window]))
     return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+
+
+def eval_batch_samples(n_layers: int, vocab: int, device: torch.device, free_bytes: int | None = None) -> int:
+    """Samples per evaluation batch: bounded in states and in logits held at once.
+
+    ``EVAL_BATCH_STATES`` states and ``EVAL_LOGIT_ELEMENTS`` logits; on CUDA, more where the device's
+    free memory (``free_bytes``, else asked of the device) allows: logits of up to
+    1/``EVAL_MEMORY_SHARE`` of it, at most ``EVAL_MAX_LOGIT_ELEMENTS``.
+    """
+    n_layers = max(1, n_layers)
+    states, logits = EVAL_BATCH_STATES, EVAL_LOGIT_ELEMENTS
+    if device.type == "cuda":
+        free = free_bytes if free_bytes is not None else torch.cuda.mem_get_info(device)[0]
+        logits = max(logits, min(EVAL_MAX_LOGIT_ELEMENTS, free // (4 * EVAL_MEMORY_SHARE)))
+        states = max(states, logits // max(1, vocab))
+    return max(1, min(states // n_layers, logits // (n_layers * max(1, vocab))))
 
 
 def position_top1(result: dict[str, torch.Tensor], position: torch.Tensor) -> dict[int, float]:
@@ -238,15 +220,19 @@ def train_lens(
     seed: int,
     on_epoch: Callable[[EpochMetrics], None] | None = None,
     precision: str = "auto",
+    update: str = "auto",
+    graph: str = "auto",
 ) -> TrainOutcome:
     """Train ``lens`` in place; on return it holds the best epoch's weights.
 
     ``on_epoch`` is called after each epoch; it may raise ``StopTraining`` to end early.
-    ``precision`` (``auto|fp32|bf16``) picks the dtype of the unembedding products (``resolve_dtype``).
+    ``precision`` (``auto|fp32|bf16``) picks the dtype of the unembedding products (``resolve_dtype``);
+    ``update`` the optimiser's mode (``ctexp.lens.update.UPDATE_MODES``); ``graph`` whether full
+    batches replay a CUDA graph (``ctexp.lens.graph.GRAPH_MODES``; auto: on CUDA).
     """
     if not lens.trainable:
         return TrainOutcome(epochs=[], best_epoch=None, stopped_early=False)
-    step = TrainStep(lens, head, train, config, precision)
+    step = TrainStep(lens, head, train, config, precision, update, graph)
     targets = LossTargets.of(train.targets)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     per_step = max(1, config.batch_size // train.states.shape[1])

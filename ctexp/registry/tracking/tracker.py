@@ -67,6 +67,9 @@ DEFAULT_EXPERIMENT_ID = "0"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 
+# How SQLite, PostgreSQL and MySQL word a uniqueness violation, as MLflow passes it on.
+DUPLICATE_ROW_MESSAGES = ("unique constraint failed", "duplicate key value", "duplicate entry")
+
 T = TypeVar("T")
 
 
@@ -192,8 +195,24 @@ class Tracker:
                 self._client.log_batch(run_id, params=[Param(k, str(v)) for k, v in chunk], synchronous=True)
         if dataset is not None:
             with self._failing_run(run_id), self._errors("log the run's dataset"):
-                self._client.log_inputs(run_id, [dataset.to_mlflow()])
+                self._log_dataset(run_id, dataset)
         return run_id
+
+    def _log_dataset(self, run_id: str, dataset: StoreDataset) -> None:
+        """``log_inputs``, once more where another worker inserted the same dataset first.
+
+        MLflow looks a dataset up by (experiment, name, digest) and inserts it when missing, in two
+        steps: two sweep workers starting runs on one store at once can both miss it, and the second
+        insert then fails on the table's uniqueness. Retried, the lookup finds the first worker's row.
+        """
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self._client.log_inputs(run_id, [dataset.to_mlflow()])
+        except MlflowException as error:
+            if not _is_duplicate_row(error):
+                raise
+            self._client.log_inputs(run_id, [dataset.to_mlflow()])
 
     def log_epoch(self, mlflow_run_id: str, epoch: EpochMetrics) -> None:
         """Log one epoch's training metrics at ``step = epoch.epoch``, in one call.
@@ -530,6 +549,12 @@ def _metrics(values: Mapping[str, float], step: int) -> list:
 
     timestamp = int(time.time() * 1000)
     return [Metric(key, float(value), timestamp, step) for key, value in values.items()]
+
+
+def _is_duplicate_row(error: Exception) -> bool:
+    """Whether a database refused a row as a duplicate (SQLite, PostgreSQL and MySQL say it each their way)."""
+    message = str(error).lower()
+    return any(words in message for words in DUPLICATE_ROW_MESSAGES)
 
 
 def _chunks(items: list[T], size: int) -> Iterable[list[T]]:
