@@ -285,18 +285,18 @@ def _run_and_record(
     except KeyboardInterrupt as stop:
         terminated = isinstance(stop, Terminated)
         how = "terminated (SIGTERM)" if terminated else "interrupted"
-        _end(registry, tracker, writer, run_id, RunStatus.KILLED, how, settings)
+        _end(registry, tracker, run_id, None, RunStatus.KILLED, how, settings, writer)
         raise Interrupted(f"{how}: run {run_id[:12]} recorded as KILLED", 143 if terminated else 130) from None
     except RunPruned as pruned:
-        _end(registry, tracker, writer, run_id, RunStatus.PRUNED, str(pruned) or "pruned", settings)
+        _end(registry, tracker, run_id, None, RunStatus.PRUNED, str(pruned) or "pruned", settings, writer)
         raise
     except TrackingError as error:  # MLflow failed in the background: say what became of the run
-        _end(registry, tracker, writer, run_id, RunStatus.FAILED, f"{type(error).__name__}: {error}", settings)
+        _end(registry, tracker, run_id, None, RunStatus.FAILED, f"{type(error).__name__}: {error}", settings, writer)
         run_dir = locations.home / "runs" / run_id
         kept = f"; its results are in {run_dir}" if run_dir.is_dir() else ""
         raise TrackingError(f"{error} (run {run_id[:12]} recorded FAILED{kept})") from error
     except BaseException as error:
-        _end(registry, tracker, writer, run_id, RunStatus.FAILED, f"{type(error).__name__}: {error}", settings)
+        _end(registry, tracker, run_id, None, RunStatus.FAILED, f"{type(error).__name__}: {error}", settings, writer)
         raise
 
 
@@ -316,11 +316,11 @@ def _finish_in_mlflow(tracker: Tracker, mlflow_run_id: str, result: RunResult, r
 
 
 def _end(
-    registry: Registry, tracker: Tracker, writer: MlflowWriter, run_id: str, status: RunStatus, error: str,
-    settings: dict[str, Any],
+    registry: Registry, tracker: Tracker, run_id: str, mlflow_run_id: str | None, status: RunStatus, error: str,
+    settings: dict[str, Any], writer: MlflowWriter | None = None,
 ) -> None:
     """Mark a run ended in both stores, as far as each can be reached (the original error wins): the SQL row
-    first, then MLflow once the writer's queued calls have run.
+    first, then MLflow; with a ``writer``, its queued calls run in between, and it knows the MLflow run id.
 
     MLflow has no PRUNED status: a pruned run is KILLED there, tagged ``ctexp.pruned=true``. Its
     description says how it ended.
@@ -329,11 +329,12 @@ def _end(
         registry.end_run(run_id, status, error[:2000])
     except CtexpError:
         pass
-    try:
-        writer.drain()
-    except Exception:  # noqa: BLE001, S110 - a failing MLflow call: the run's own error is the one to report
-        pass
-    mlflow_run_id = writer.mlflow_run_id
+    if writer is not None:
+        try:
+            writer.drain()
+        except Exception:  # noqa: BLE001, S110 - a failing MLflow call: the run's own error is the one to report
+            pass
+        mlflow_run_id = writer.mlflow_run_id
     if mlflow_run_id is not None:
         try:
             tags = {NOTE_TAG: describe_unfinished(status.value, settings, error[:2000])}
