@@ -37,17 +37,16 @@ def run(
 
     with phase("imports"):
         from ctexp.cli.render import run_tables
-        from ctexp.experiment.pipeline import RunPlan, plan_run
-        from ctexp.experiment.recorder import recorder_beside
+        from ctexp.experiment.pipeline import plan_run
+        from ctexp.experiment.recorder import Recorder
         from ctexp.registry.locations import Locations
 
-    def load() -> RunPlan:
-        with phase("store load"):
-            return plan_run(config)  # bad input fails here, before any output
-
     locations = Locations.resolve(home, db_url, tracking_uri)
-    recorder, plan = recorder_beside(locations, load)  # the stores open while the store loads
-    with recorder, Progress(
+    # Bad input fails here, before any output and before the stores are touched (a fresh home stays empty);
+    # MLflow's setup overlaps training instead (the recorder's background writer).
+    with phase("store load"):
+        plan = plan_run(config)
+    with Recorder(locations) as recorder, Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
         TimeElapsedColumn(), console=stderr_console(), transient=as_json,
     ) as progress:

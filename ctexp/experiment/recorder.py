@@ -21,18 +21,16 @@ line (exit code 9) that says the run directory keeps the results.
 
 from __future__ import annotations
 
-import contextlib
 import queue
 import signal
 import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import Any, Self, TypeVar
+from typing import Any, Self
 
 from ctexp.analysis.result import EpochMetrics, RunResult
 from ctexp.config import ExperimentConfig
@@ -49,7 +47,6 @@ from ctexp.registry.tracking.tracker import Tracker
 from ctexp.timings import phase
 
 HEARTBEAT_SECONDS = 30.0
-T = TypeVar("T")
 
 
 class RunPruned(Exception):
@@ -209,24 +206,6 @@ class Recorder:
             config, self.locations, plan, self.registry, self.tracker, run_id, name, version, on_epoch,
             parent_mlflow_run_id, extra_tags or {}, on_tracked,
         )
-
-
-def recorder_beside(locations: Locations, load: Callable[[], T]) -> tuple[Recorder, T]:
-    """Open a ``Recorder`` on a thread while ``load`` (the store, the aligned dataset) runs on this one.
-
-    In a fresh home the results database is created meanwhile (its migrations take a good part of a
-    second). ``load``'s error wins over the recorder's (bad input is reported first), and a recorder
-    opened for nothing is closed.
-    """
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctexp-open") as pool:
-        opening = pool.submit(Recorder, locations)
-        try:
-            loaded = load()
-        except BaseException:
-            with contextlib.suppress(Exception):
-                opening.result().close()
-            raise
-    return opening.result(), loaded
 
 
 def tracked_run(config: ExperimentConfig, locations: Locations, **options: object) -> RunResult:
