@@ -220,7 +220,6 @@ def _run_and_record(
     parent_mlflow_run_id: str | None, extra_tags: dict[str, str], on_tracked: Callable[[str], None] | None,
 ) -> RunResult:
     settings = config.model_dump(mode="json")
-    writer = MlflowWriter()
     tags = {
         "ctexp.store_hash": plan.prepared.store.meta.content_hash,
         "ctexp.code_version": version,
@@ -228,14 +227,12 @@ def _run_and_record(
         **({"mlflow.source.git.commit": version.split("+")[0]} if not version.startswith("ctexp") else {}),
         **extra_tags,
     }
-    dataset = store_dataset(plan.prepared.store)
-
     def start_in_mlflow() -> None:
         with phase("MLflow setup"):  # importing MLflow, opening (in a fresh home, creating) its store
             tracker.warm_up()
         writer.mlflow_run_id = tracker.start_run(
             experiment=config.experiment, run_name=name, ctexp_run_id=run_id, params=flatten_config(settings),
-            tags=tags, parent_run_id=parent_mlflow_run_id, dataset=dataset,
+            tags=tags, parent_run_id=parent_mlflow_run_id, dataset=store_dataset(plan.prepared.store),
             description=describe_unfinished("RUNNING", settings),
         )
         registry.set_mlflow_run_id(run_id, writer.mlflow_run_id)
@@ -249,6 +246,7 @@ def _run_and_record(
         if on_epoch is not None:
             on_epoch(epoch)
 
+    writer = MlflowWriter()
     try:
         with sigterm_as_interrupt():
             writer.submit(start_in_mlflow)
