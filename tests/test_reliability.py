@@ -60,8 +60,12 @@ def test_signal_during_training_ends_the_run_killed_in_both_stores(tmp_path: Pat
     assert _query(home, f"SELECT count(*) FROM ctexp_epochs WHERE run_id = '{run_id}'")[0][0] >= 2
     from mlflow import MlflowClient
 
-    run = MlflowClient(f"sqlite:///{home}/mlflow.db").get_run(mlflow_run_id)
+    client = MlflowClient(f"sqlite:///{home}/mlflow.db")
+    run = client.get_run(mlflow_run_id)
     assert run.info.status == "KILLED"
+    # The epochs queued for MLflow's background writer were written before the run ended: nothing lost.
+    epochs = _query(home, f"SELECT count(*) FROM ctexp_epochs WHERE run_id = '{run_id}'")[0][0]
+    assert len(client.get_metric_history(mlflow_run_id, "val_loss")) == epochs
     assert not (home / "runs" / run_id).exists()  # no half-written run directory
     assert not [p for p in (home / "runs").glob(".*tmp*")] if (home / "runs").exists() else True
 
@@ -118,3 +122,35 @@ def test_eight_parallel_runs_on_one_fresh_postgresql_database_all_land(tmp_path:
         engine.dispose()
     assert [tuple(row) for row in rows] == [(f"parallel-{i}", "FINISHED") for i in range(8)]
     assert cells == 8 * 3 * 6
+
+
+def test_mlflow_refusing_the_run_fails_it_with_one_line(cli: Cli):
+    """MLflow works in the background: its refusal (here, a deleted experiment) still ends the run FAILED
+    in the results database, and the command with one line and MLflow's exit code."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{cli.home}/mlflow.db")
+    client.delete_experiment(client.create_experiment("gone", artifact_location=(cli.home / "gone").as_uri()))
+    line = cli("run", *SMALL_WORLD, "--experiment", "gone", code=9).stderr
+    assert "MLflow experiment 'gone' is deleted" in line and "recorded FAILED" in line
+    [(status, error)] = _query(cli.home, "SELECT status, error FROM ctexp_runs")
+    assert status == "FAILED" and "is deleted" in error
+
+
+def test_mlflow_failing_after_training_keeps_the_results_and_says_where(cli: Cli, monkeypatch: pytest.MonkeyPatch):
+    """A write that fails after training (the run directory, on the background writer) fails the run: FAILED in
+    both stores, never FINISHED without its MLflow record, and the line says where the results are."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise MlflowException("artifact store is full")
+
+    monkeypatch.setattr(MlflowClient, "log_artifacts", refuse)
+    line = cli("run", *SMALL_WORLD, code=9).stderr
+    monkeypatch.undo()
+    [(run_id, status, mlflow_run_id)] = _query(cli.home, "SELECT id, status, mlflow_run_id FROM ctexp_runs")
+    assert "artifact store is full" in line and f"its results are in {cli.home.resolve() / 'runs' / run_id}" in line
+    assert status == "FAILED"
+    assert (cli.home / "runs" / run_id / "result.json").is_file()
+    assert MlflowClient(f"sqlite:///{cli.home}/mlflow.db").get_run(mlflow_run_id).info.status == "FAILED"

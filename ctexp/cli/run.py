@@ -42,8 +42,10 @@ def run(
         from ctexp.registry.locations import Locations
 
     locations = Locations.resolve(home, db_url, tracking_uri)
+    # Bad input fails here, before any output and before the stores are touched (a fresh home stays empty);
+    # MLflow's setup overlaps training instead (the recorder's background writer).
     with phase("store load"):
-        plan = plan_run(config)  # bad input fails here, before any output
+        plan = plan_run(config)
     with Recorder(locations) as recorder, Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
         TimeElapsedColumn(), console=stderr_console(), transient=as_json,

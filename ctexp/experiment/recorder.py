@@ -8,12 +8,20 @@ and keeps its epoch history. A heartbeat thread keeps ``heartbeat_at`` fresh so 
 process was killed outright (``kill -9``) can be told apart and marked FAILED by the next command that
 opens the registry.
 
-The SQL row is the commit point: MLflow is finished first, so a FINISHED row always has its MLflow
-run and artifacts.
+MLflow is off the critical path: its calls (opening the store, which imports MLflow and creates its
+database in a fresh home; starting the run; each epoch's metrics; rendering the figures and logging
+them with the run directory) run in order on one background thread (``MlflowWriter``) while the run
+trains, and the run waits for them at its end. The SQL row is the commit point: on success the
+writer is drained first, so a FINISHED row always has its MLflow run and artifacts; on an error,
+Ctrl-C or SIGTERM the SQL row is ended (FAILED or KILLED) first, then the queued MLflow calls are
+drained and the MLflow run is ended, so nothing queued is lost. A failed MLflow call stops the run at
+the next epoch (or fails it after training), FAILED in SQL, and is raised as one ``TrackingError``
+line (exit code 9) that says the run directory keeps the results.
 """
 
 from __future__ import annotations
 
+import queue
 import signal
 import tempfile
 import threading
@@ -26,7 +34,7 @@ from typing import Any, Self
 
 from ctexp.analysis.result import EpochMetrics, RunResult
 from ctexp.config import ExperimentConfig
-from ctexp.errors import CtexpError, Interrupted
+from ctexp.errors import CtexpError, Interrupted, TrackingError
 from ctexp.experiment.pipeline import RunPlan, plan_run, run_experiment, run_name
 from ctexp.experiment.provenance import code_version
 from ctexp.registry.db import Registry
@@ -94,6 +102,46 @@ class _Heartbeat:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+
+
+class MlflowWriter:
+    """One run's MLflow calls, in the order submitted, on a background thread: training does not wait for them.
+
+    A call that fails is kept (``failure``) and the calls after it are skipped; ``drain`` waits for the
+    queue to empty, stops the thread and raises the failure. The MLflow run id (set by the first call)
+    is read by the later ones when they run.
+    """
+
+    def __init__(self) -> None:
+        self.mlflow_run_id: str | None = None
+        self.failure: BaseException | None = None
+        self._calls: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._work, name="ctexp-mlflow", daemon=True)
+        self._thread.start()
+
+    def submit(self, call: Callable[[], None]) -> None:
+        """Queue ``call`` (skipped once an earlier call has failed)."""
+        self._calls.put(call)
+
+    def raise_failure(self) -> None:
+        """Raise the failure of an earlier call, if any, without waiting for the queue."""
+        if self.failure is not None:
+            raise self.failure
+
+    def drain(self) -> None:
+        """Wait until every queued call has run (or been skipped), then raise the first failure if any."""
+        if self._thread.is_alive():
+            self._calls.put(None)
+            self._thread.join()
+        self.raise_failure()
+
+    def _work(self) -> None:
+        while (call := self._calls.get()) is not None:
+            if self.failure is None:
+                try:
+                    call()
+                except BaseException as error:  # noqa: BLE001 - kept, and raised in the run's own thread
+                    self.failure = error
 
 
 class Recorder:
@@ -171,51 +219,66 @@ def _run_and_record(
     run_id: str, name: str, version: str, on_epoch: Callable[[EpochMetrics], None] | None,
     parent_mlflow_run_id: str | None, extra_tags: dict[str, str], on_tracked: Callable[[str], None] | None,
 ) -> RunResult:
-    mlflow_run_id: str | None = None
     settings = config.model_dump(mode="json")
+    tags = {
+        "ctexp.store_hash": plan.prepared.store.meta.content_hash,
+        "ctexp.code_version": version,
+        "ctexp.config_hash": config.config_hash(),
+        **({"mlflow.source.git.commit": version.split("+")[0]} if not version.startswith("ctexp") else {}),
+        **extra_tags,
+    }
+    def start_in_mlflow() -> None:
+        with phase("MLflow setup"):  # importing MLflow, opening (in a fresh home, creating) its store
+            tracker.warm_up()
+        writer.mlflow_run_id = tracker.start_run(
+            experiment=config.experiment, run_name=name, ctexp_run_id=run_id, params=flatten_config(settings),
+            tags=tags, parent_run_id=parent_mlflow_run_id, dataset=store_dataset(plan.prepared.store),
+            description=describe_unfinished("RUNNING", settings),
+        )
+        registry.set_mlflow_run_id(run_id, writer.mlflow_run_id)
+        if on_tracked is not None:
+            on_tracked(writer.mlflow_run_id)
+
+    def record_epoch(epoch: EpochMetrics) -> None:
+        writer.raise_failure()  # MLflow failed: stop now rather than train on unrecorded
+        registry.record_epoch(run_id, epoch)
+        writer.submit(lambda: tracker.log_epoch(writer.mlflow_run_id or "", epoch))
+        if on_epoch is not None:
+            on_epoch(epoch)
+
+    writer = MlflowWriter()
     try:
         with sigterm_as_interrupt():
-            mlflow_run_id = tracker.start_run(
-                experiment=config.experiment, run_name=name, ctexp_run_id=run_id,
-                params=flatten_config(settings),
-                tags={
-                    "ctexp.store_hash": plan.prepared.store.meta.content_hash,
-                    "ctexp.code_version": version,
-                    "ctexp.config_hash": config.config_hash(),
-                    **({"mlflow.source.git.commit": version.split("+")[0]} if not version.startswith("ctexp") else {}),
-                    **extra_tags,
-                },
-                parent_run_id=parent_mlflow_run_id,
-                dataset=store_dataset(plan.prepared.store),
-                description=describe_unfinished("RUNNING", settings),
-            )
-            registry.set_mlflow_run_id(run_id, mlflow_run_id)
-            if on_tracked is not None:
-                on_tracked(mlflow_run_id)
-
-            def record_epoch(epoch: EpochMetrics) -> None:
-                registry.record_epoch(run_id, epoch)
-                tracker.log_epoch(mlflow_run_id, epoch)
-                if on_epoch is not None:
-                    on_epoch(epoch)
-
+            writer.submit(start_in_mlflow)
+            writer.submit(_import_figures)  # matplotlib loads while the run trains, not after it
             with _Heartbeat(registry, run_id, HEARTBEAT_SECONDS):
                 result = run_experiment(config, home=locations.home, on_epoch=record_epoch, plan=plan, run_id=run_id)
-            _finish_in_mlflow(tracker, mlflow_run_id, result, locations.home / "runs" / run_id)
+            run_dir = locations.home / "runs" / run_id
+            writer.submit(lambda: _finish_in_mlflow(tracker, writer.mlflow_run_id or "", result, run_dir))
+            writer.drain()
             with phase("results recording"):
                 registry.finish_run(result)
             return result
     except KeyboardInterrupt as stop:
         terminated = isinstance(stop, Terminated)
         how = "terminated (SIGTERM)" if terminated else "interrupted"
-        _end(registry, tracker, run_id, mlflow_run_id, RunStatus.KILLED, how, settings)
+        _end(registry, tracker, run_id, None, RunStatus.KILLED, how, settings, writer)
         raise Interrupted(f"{how}: run {run_id[:12]} recorded as KILLED", 143 if terminated else 130) from None
     except RunPruned as pruned:
-        _end(registry, tracker, run_id, mlflow_run_id, RunStatus.PRUNED, str(pruned) or "pruned", settings)
+        _end(registry, tracker, run_id, None, RunStatus.PRUNED, str(pruned) or "pruned", settings, writer)
         raise
+    except TrackingError as error:  # MLflow failed in the background: say what became of the run
+        _end(registry, tracker, run_id, None, RunStatus.FAILED, f"{type(error).__name__}: {error}", settings, writer)
+        run_dir = locations.home / "runs" / run_id
+        kept = f"; its results are in {run_dir}" if run_dir.is_dir() else ""
+        raise TrackingError(f"{error} (run {run_id[:12]} recorded FAILED{kept})") from error
     except BaseException as error:
-        _end(registry, tracker, run_id, mlflow_run_id, RunStatus.FAILED, f"{type(error).__name__}: {error}", settings)
+        _end(registry, tracker, run_id, None, RunStatus.FAILED, f"{type(error).__name__}: {error}", settings, writer)
         raise
+
+
+def _import_figures() -> None:
+    import ctexp.analysis.figures  # noqa: F401 - the import is the point
 
 
 def _finish_in_mlflow(tracker: Tracker, mlflow_run_id: str, result: RunResult, run_dir: Path) -> None:
@@ -231,9 +294,10 @@ def _finish_in_mlflow(tracker: Tracker, mlflow_run_id: str, result: RunResult, r
 
 def _end(
     registry: Registry, tracker: Tracker, run_id: str, mlflow_run_id: str | None, status: RunStatus, error: str,
-    settings: dict[str, Any],
+    settings: dict[str, Any], writer: MlflowWriter | None = None,
 ) -> None:
-    """Mark a run ended in both stores, as far as each can be reached (the original error wins).
+    """Mark a run ended in both stores, as far as each can be reached (the original error wins): the SQL row
+    first, then MLflow; with a ``writer``, its queued calls run in between, and it knows the MLflow run id.
 
     MLflow has no PRUNED status: a pruned run is KILLED there, tagged ``ctexp.pruned=true``. Its
     description says how it ended.
@@ -242,6 +306,12 @@ def _end(
         registry.end_run(run_id, status, error[:2000])
     except CtexpError:
         pass
+    if writer is not None:
+        try:
+            writer.drain()
+        except Exception:  # noqa: BLE001, S110 - a failing MLflow call: the run's own error is the one to report
+            pass
+        mlflow_run_id = writer.mlflow_run_id
     if mlflow_run_id is not None:
         try:
             tags = {NOTE_TAG: describe_unfinished(status.value, settings, error[:2000])}

@@ -13,8 +13,8 @@ with passwords in URIs masked.
 Costs (2-core machine): importing mlflow 1-2 s, opening an existing SQLite store 0.5-0.8 s (creating
 one 2-7 s); then each recorded run ~0.15-0.25 s of metrics and artifacts (rendering its three figures,
 the recorder's part, adds ~0.3-0.45 s; ``python bench/registry.py`` measures both).
-``Tracker.warm_up`` pays the fixed part ahead. Doing so in a thread while a run trains was measured
-to gain nothing: the imports hold the GIL that the training loop needs.
+``Tracker.warm_up`` pays the fixed part ahead. A recorded run makes all its calls from the recorder's
+background writer (``experiment.recorder.MlflowWriter``), so that these costs overlap its training.
 
 Long because: ``Tracker`` is one class, the whole surface of MLflow as ctexp uses it (runs, metrics,
 artifacts, the store and server checks), each method behind the same error translation.
