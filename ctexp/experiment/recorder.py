@@ -36,7 +36,7 @@ from ctexp.registry.tracking.datasets import store_dataset
 from ctexp.registry.tracking.describe import NOTE_TAG, describe_unfinished
 from ctexp.registry.tracking.names import flatten_config
 from ctexp.registry.tracking.tracker import Tracker
-from ctexp.timings import phase
+from ctexp.timings import phase, timed
 
 HEARTBEAT_SECONDS = 30.0
 
@@ -175,7 +175,7 @@ def _run_and_record(
     settings = config.model_dump(mode="json")
     try:
         with sigterm_as_interrupt():
-            mlflow_run_id = tracker.start_run(
+            mlflow_run_id = timed("MLflow setup", tracker.start_run)(  # its store too, the first time
                 experiment=config.experiment, run_name=name, ctexp_run_id=run_id,
                 params=flatten_config(settings),
                 tags={
