@@ -132,6 +132,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--sweep", action="store_true", help="also trials per hour of ctexp sweep at 1, 2, 4 workers")
     parser.add_argument("--sweep-trials", type=int, default=8, help="trials per sweep (at least 2 per worker)")
+    parser.add_argument("--sweep-epochs", type=int, default=None, help="epochs per sweep trial [--epochs]")
     parser.add_argument("--work", type=Path, default=None, help="working directory [a temporary one, removed]")
     args = parser.parse_args()
     count = args.problems or (60 if args.small else 800)
@@ -163,7 +164,7 @@ def main() -> None:
         print(f"run      {states:,} training states x {len(result['epochs'])} epochs; the run reports "
               f"{result['seconds']:.2f} s; load average {os.getloadavg()[0]:.2f}")
         if args.sweep:
-            sweep_rates(store, root, args.device, env, args.epochs, args.sweep_trials)
+            sweep_rates(store, root, args.device, env, args.sweep_epochs or args.epochs, args.sweep_trials)
         print(f"seed_scale_seconds={extract_wall + run_wall:.2f} extract_seconds={extract_wall:.2f} "
               f"run_seconds={run_wall:.2f} training_seconds={run_phases.get('training', 0.0):.2f}")
 
