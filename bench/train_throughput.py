@@ -7,8 +7,10 @@ throughput does not depend on the values. In one process and one run it measures
   (a) ctexp: training states per second of ``ctexp.lens.train.TrainStep``, the step ``train_lens`` runs,
       on batches from ``ctexp.lens.train.batches`` (slices of blocks gathered by index; all translators
       in one batched product; loss and its gradient computed with the logits, in chunks; lens
-      gradients without autograd; fused AdamW with clipping), in the dtype and with the CPU threads
-      ``train_lens`` would use (``--precision auto``; ``OMP_NUM_THREADS`` sets the threads);
+      gradients without autograd; ``ctexp.lens.update.LensUpdate`` for clipping and AdamW, ``--update``:
+      auto is dense gradients + fused AdamW on CPU, the compiled one-pass update on CUDA; on CUDA the
+      step replayed as a CUDA graph, ``--graph``), in the dtype and with the CPU threads ``train_lens``
+      would use (``--precision auto``; ``OMP_NUM_THREADS`` sets the threads);
   (b) floor: the unembedding products alone at the same batch and dtype, the logits
       ``[rows, d] @ [d, V]`` and the gradient back to the input ``[rows, V] @ [V, d]``;
   (c) reference: the straightforward version: one ``nn.Linear`` per layer called in a Python loop,
