@@ -7,8 +7,10 @@ throughput does not depend on the values. In one process and one run it measures
   (a) ctexp: training states per second of ``ctexp.lens.train.TrainStep``, the step ``train_lens`` runs,
       on batches from ``ctexp.lens.train.batches`` (slices of blocks gathered by index; all translators
       in one batched product; loss and its gradient computed with the logits, in chunks; lens
-      gradients without autograd; fused AdamW with clipping), in the dtype and with the CPU threads
-      ``train_lens`` would use (``--precision auto``; ``OMP_NUM_THREADS`` sets the threads);
+      gradients without autograd; ``ctexp.lens.update.LensUpdate`` for clipping and AdamW, ``--update``:
+      auto is dense gradients + fused AdamW on CPU, the compiled one-pass update on CUDA; on CUDA the
+      step replayed as a CUDA graph, ``--graph``), in the dtype and with the CPU threads ``train_lens``
+      would use (``--precision auto``; ``OMP_NUM_THREADS`` sets the threads);
   (b) floor: the unembedding products alone at the same batch and dtype, the logits
       ``[rows, d] @ [d, V]`` and the gradient back to the input ``[rows, V] @ [V, d]``;
   (c) reference: the straightforward version: one ``nn.Linear`` per layer called in a Python loop,
@@ -45,6 +47,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ctexp.config import LensKind, TrainConfig
 from ctexp.data.store import NormSpec, Store, StoreMeta
+from ctexp.lens.graph import GRAPH_MODES, resolve_graph_mode
 from ctexp.lens.head import Head
 from ctexp.lens.kinds import Lens
 from ctexp.lens.train import SplitTensors, TrainStep, batches, cpu_threads, resolve_dtype, train_lens, training_threads
@@ -62,6 +65,8 @@ def main() -> None:
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
     parser.add_argument("--update", choices=UPDATE_MODES, default="auto",
                         help="(a)'s optimiser mode (ctexp.lens.update; auto: compiled on CUDA, dense on CPU)")
+    parser.add_argument("--graph", choices=GRAPH_MODES, default="auto",
+                        help="(a) and --full replay a CUDA graph (ctexp.lens.graph; auto: on CUDA)")
     parser.add_argument("--reference-steps", type=int, default=None, help="steps of (c) to time (default: 4)")
     parser.add_argument("--full", action="store_true", help="also train 76,800 states x 8 epochs with train_lens")
     parser.add_argument("--hidden", type=int, default=HIDDEN)
@@ -72,11 +77,11 @@ def main() -> None:
     torch.manual_seed(0)
     hidden, vocab, layers = args.hidden, args.vocab, args.layers
     per_step = max(1, args.batch_size // layers)
-    head = Head(_store(hidden, vocab, layers), list(range(layers))).to(device)
+    head = Head(random_store(hidden, vocab, layers), list(range(layers))).to(device)
     dtype = resolve_dtype(args.precision, device, head)
     default_steps = 12 if device.type == "cpu" else 50
     samples = args.samples or per_step * (default_steps + 2)
-    data = _split(max(samples, per_step * 3), layers, hidden, vocab, device)
+    data = random_split(max(samples, per_step * 3), layers, hidden, vocab, device)
     load = _load()
     with cpu_threads(training_threads(data, head, per_step)):  # as train_lens would run; all three alike
         _measure(args, device, head, dtype, data, per_step, load)
@@ -95,7 +100,7 @@ def _measure(args: argparse.Namespace, device: torch.device, head: Head, dtype: 
     print(f"shape: hidden {hidden}, vocab {vocab:,}, {layers} layers, {POSITIONS} positions, layer lens")
     print(f"batch: {args.batch_size} states/step -> {per_step} samples x {layers} layers = {rows} rows; "
           f"device {device}, threads {torch.get_num_threads()}, products in {str(dtype).removeprefix('torch.')}, "
-          f"update {resolve_update_mode(args.update, device)}")
+          f"update {resolve_update_mode(args.update, device)}, graph {resolve_graph_mode(args.graph, device)}")
 
     steps = max(1, len(data) // per_step - 2)
     a_time = _step_time(head, data, args, per_step, steps, device)  # (a) ctexp's step
@@ -121,7 +126,7 @@ def _measure(args: argparse.Namespace, device: torch.device, head: Head, dtype: 
     print(f"bound (b)+(d):      {bound * 1e3:9.1f} ms/step")
 
     if args.full:
-        _full(head, hidden, vocab, layers, args.batch_size, args.precision, device)
+        _full(head, hidden, vocab, layers, args, device)
     print(f"load average (1 min) {load} before, {_load()} after; cpus {os.cpu_count()}")
     print(f"fraction_of_floor={a_rate / b_rate:.3f} speedup_vs_reference={a_rate / c_rate:.2f} states_per_s={a_rate:.1f} "
           f"fraction_of_bound={bound / a_time:.3f} bound={'products' if b_time >= d_time else 'optimizer'}")
@@ -131,7 +136,7 @@ def _step_time(head: Head, data: SplitTensors, args: argparse.Namespace, per_ste
                device: torch.device) -> float:
     """(a): ``TrainStep``, the step ``train_lens`` runs, on batches as ``train_lens`` makes them."""
     lens = Lens.build(LensKind.LAYER, args.layers, POSITIONS, args.hidden).to(device)
-    step = TrainStep(lens, head, data, TrainConfig(batch_size=args.batch_size), args.precision, args.update)
+    step = TrainStep(lens, head, data, TrainConfig(batch_size=args.batch_size), args.precision, args.update, args.graph)
     order = torch.randperm(len(data), device=device)
     full = [batch for batch in batches(data, order, per_step) if len(batch[0]) == per_step]
     return _median_time(lambda i: step(*full[i % len(full)]), steps, device)
@@ -166,7 +171,7 @@ def _optimizer_floor(layers: int, hidden: int, steps: int, device: torch.device)
     return moved / bandwidth, bandwidth, moved
 
 
-def _store(hidden: int, vocab: int, layers: int) -> Store:
+def random_store(hidden: int, vocab: int, layers: int) -> Store:
     meta = StoreMeta(
         model="bench", n_problems=1, n_states=layers, n_positions=POSITIONS, hidden=hidden, vocab=vocab,
         dtype="float32", tokenizer="builtin", norm=NormSpec(kind="rmsnorm"), normed_states=[layers - 1],
@@ -175,7 +180,7 @@ def _store(hidden: int, vocab: int, layers: int) -> Store:
     return Store(meta, torch.empty(0), 1 + 0.1 * torch.randn(hidden), None, unembed, [])
 
 
-def _split(samples: int, layers: int, hidden: int, vocab: int, device: torch.device) -> SplitTensors:
+def random_split(samples: int, layers: int, hidden: int, vocab: int, device: torch.device) -> SplitTensors:
     return SplitTensors(
         states=torch.randn(samples, layers, hidden, device=device),
         position=torch.randint(0, POSITIONS, (samples,), device=device),
@@ -257,15 +262,15 @@ def _reference_time(head: Head, data: SplitTensors, per_step: int, steps: int, d
     return statistics.median(times)
 
 
-def _full(head: Head, hidden: int, vocab: int, layers: int, batch_size: int, precision: str,
-          device: torch.device) -> None:
+def _full(head: Head, hidden: int, vocab: int, layers: int, args: argparse.Namespace, device: torch.device) -> None:
     """The reference's full size: 76,800 training states, 8 epochs, validation each epoch."""
     samples = FULL_STATES // layers
-    train, val = _split(samples, layers, hidden, vocab, device), _split(samples // 4, layers, hidden, vocab, device)
+    train, val = random_split(samples, layers, hidden, vocab, device), random_split(samples // 4, layers, hidden, vocab, device)
     lens = Lens.build(LensKind.LAYER, layers, POSITIONS, hidden).to(device)
-    config = TrainConfig(batch_size=batch_size, epochs=FULL_EPOCHS, patience=FULL_EPOCHS)
+    config = TrainConfig(batch_size=args.batch_size, epochs=FULL_EPOCHS, patience=FULL_EPOCHS)
     started = time.perf_counter()
-    outcome = train_lens(lens, head, train, val, config, seed=0, precision=precision)
+    outcome = train_lens(lens, head, train, val, config, seed=0, precision=args.precision, update=args.update,
+                         graph=args.graph)
     _sync(device)
     seconds = time.perf_counter() - started
     train_seconds = sum(e.seconds for e in outcome.epochs)

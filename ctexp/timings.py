@@ -13,9 +13,13 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import ParamSpec, TypeVar
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 TIMINGS_ENV = "CTEXP_TIMINGS"
 PHASES = (
@@ -38,6 +42,16 @@ def phase(name: str) -> Iterator[None]:
         line = json.dumps({"phase": name, "seconds": round(time.perf_counter() - started, 6), "pid": os.getpid()})
         with Path(target).open("a", encoding="utf-8") as out:
             out.write(line + "\n")
+
+
+def timed(name: str, function: Callable[P, R]) -> Callable[P, R]:
+    """``function`` run as phase ``name`` (for a call that a ``with`` block would re-indent)."""
+
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        with phase(name):
+            return function(*args, **kwargs)
+
+    return run
 
 
 def read_timings(path: Path) -> dict[str, float]:

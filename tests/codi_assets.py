@@ -3,7 +3,8 @@
 ``make_assets`` saves a base directory (config and a tiny BPE tokenizer) and checkpoints in CODI's layout
 (PEFT LoRA keys, prj) under a directory; ``run_extract`` extracts a store from one of them;
 ``reference_thoughts`` is a deliberately plain CODI loop (whole sequence at every step, one problem, no
-cache, mask or padding) that the real loop is checked against.
+cache, mask or padding) that the real loop is checked against. ``Shape`` sizes a checkpoint: the tests'
+tiny one by default, ``LLAMA_1B`` for ``bench/seed_scale.py`` (LLaMA-3.2-1B's shape, random weights).
 """
 
 from __future__ import annotations
@@ -67,8 +68,34 @@ def write_gsm8k(path: Path) -> Path:
     return path
 
 
-def build_tokenizer(directory: Path, bos: bool) -> int:
-    """A tiny byte-level BPE tokenizer trained on the questions; LLaMA-like ones add BOS."""
+@dataclass(frozen=True)
+class Shape:
+    """A checkpoint's size. ``vocab`` None: the tokenizer's; else the model's (larger than the tokenizer's)."""
+
+    hidden: int = 32
+    intermediate: int = 48
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    vocab: int | None = None
+    lora_r: int = R
+    prj_dim: int = PRJ_DIM
+    tokenizer_vocab: int = 300
+
+
+TINY = Shape()
+LLAMA_1B = Shape(hidden=2048, intermediate=8192, layers=16, heads=32, kv_heads=8, vocab=128_256, lora_r=128,
+                 prj_dim=2048, tokenizer_vocab=4000)
+
+
+def build_tokenizer(
+    directory: Path, bos: bool, texts: list[str] | None = None, vocab_size: int = 300, size: int | None = None
+) -> int:
+    """A small byte-level BPE tokenizer trained on the questions (and ``texts``); LLaMA-like ones add BOS.
+
+    ``size``: pad its vocabulary with reserved tokens (never produced by encoding) to this many ids,
+    so that every id a model of that vocabulary predicts decodes.
+    """
     from tokenizers import (
         Tokenizer,
         decoders,
@@ -83,12 +110,19 @@ def build_tokenizer(directory: Path, bos: bool) -> int:
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     raw.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=300,
+        vocab_size=vocab_size,
         special_tokens=["<s>", "</s>"],
         show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    raw.train_from_iterator(QUESTIONS + [" ".join(s) for s in STEPS] + ["The answer is: 42"], trainer)
+    raw.train_from_iterator(
+        (texts or []) + QUESTIONS + [" ".join(s) for s in STEPS] + ["The answer is: 42"], trainer
+    )
+    if size is not None and size > raw.get_vocab_size():
+        spec = json.loads(raw.to_str())
+        vocab = spec["model"]["vocab"]
+        vocab.update({f"<|reserved_{i}|>": i for i in range(len(vocab), size)})
+        raw = Tokenizer.from_str(json.dumps(spec))
     if bos:
         raw.post_processor = processors.TemplateProcessing(
             single="<s> $A", special_tokens=[("<s>", raw.token_to_id("<s>"))]
@@ -110,34 +144,40 @@ class Codi:
     eos: int
 
 
-def base_config(kind: str, vocab: int):
+def base_config(kind: str, vocab: int, shape: Shape = TINY):
     from transformers import GPT2Config, LlamaConfig
 
     if kind == "llama":
         return LlamaConfig(
             vocab_size=vocab,
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
+            hidden_size=shape.hidden,
+            intermediate_size=shape.intermediate,
+            num_hidden_layers=shape.layers,
+            num_attention_heads=shape.heads,
+            num_key_value_heads=shape.kv_heads,
             max_position_embeddings=512,
             bos_token_id=0,
             eos_token_id=1,
             tie_word_embeddings=True,
         )
-    return GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=512, bos_token_id=1, eos_token_id=1)
+    return GPT2Config(vocab_size=vocab, n_embd=shape.hidden, n_layer=shape.layers, n_head=shape.heads, n_positions=512,
+                      bos_token_id=1, eos_token_id=1)
 
 
-def make_codi(root: Path, kind: str, seed: int = 0) -> tuple[Codi, dict[str, torch.Tensor]]:
-    """Save a base directory (config + tokenizer) and return the CODI state dict and reference model."""
+def make_codi(
+    root: Path, kind: str, seed: int = 0, shape: Shape = TINY, texts: list[str] | None = None
+) -> tuple[Codi, dict[str, torch.Tensor]]:
+    """Save a base directory (config + tokenizer) and return the CODI state dict and reference model.
+
+    ``shape`` sizes the model (and LoRA rank and prj); ``texts`` are more text to train the tokenizer on.
+    """
     from transformers import AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
 
     base = root / f"{kind}-base"
-    vocab = build_tokenizer(base, bos=kind == "llama")
-    base_config(kind, vocab).save_pretrained(base)
-    config = base_config(kind, vocab + 3)
+    vocab = build_tokenizer(base, bos=kind == "llama", texts=texts, vocab_size=shape.tokenizer_vocab, size=shape.vocab)
+    base_config(kind, vocab, shape).save_pretrained(base)
+    config = base_config(kind, vocab + 3, shape)
     config.tie_word_embeddings = False
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).eval()
@@ -160,17 +200,18 @@ def make_codi(root: Path, kind: str, seed: int = 0) -> tuple[Codi, dict[str, tor
         for name, module in modules.items():
             conv = isinstance(module, Conv1D)
             in_features, out_features = module.weight.shape if conv else module.weight.shape[::-1]
-            a = torch.randn(R, in_features, generator=generator) * 0.1  # (r, in)
-            b = torch.randn(out_features, R, generator=generator) * 0.1  # (out, r)
+            rank = shape.lora_r
+            a = torch.randn(rank, in_features, generator=generator) * 0.1  # (r, in)
+            b = torch.randn(out_features, rank, generator=generator) * 0.1  # (out, r)
             state[f"{PREFIX}{name}.lora_A.default.weight"] = a
             state[f"{PREFIX}{name}.lora_B.default.weight"] = b
-            delta = (b @ a) * (ALPHA / R)  # (out, in)
+            delta = (b @ a) * (ALPHA / rank)  # (out, in)
             module.weight += delta.T if conv else delta
-    d = 32
+    d, width = shape.hidden, shape.prj_dim
     prj = {
-        "1.weight": torch.randn(PRJ_DIM, d, generator=generator) * 0.3,
-        "1.bias": torch.randn(PRJ_DIM, generator=generator) * 0.1,
-        "3.weight": torch.randn(d, PRJ_DIM, generator=generator) * 0.3,
+        "1.weight": torch.randn(width, d, generator=generator) * 0.3,
+        "1.bias": torch.randn(width, generator=generator) * 0.1,
+        "3.weight": torch.randn(d, width, generator=generator) * 0.3,
         "3.bias": torch.randn(d, generator=generator) * 0.1,
         "ln.weight": 1 + 0.1 * torch.randn(d, generator=generator),
         "ln.bias": 0.1 * torch.randn(d, generator=generator),

@@ -127,6 +127,8 @@ class TrainStep:
         self.lens, self.head = lens, head
         self.dtype = resolve_dtype(precision, data.states.device, head)
         self.update = LensUpdate(lens, config, update)
+        if graph == "auto" and not lens.has_fast_backward():
+            graph = "off"  # autograd's graph in a captured step: possible, but nothing here has tried it
         graph = resolve_graph_mode(graph, data.states.device)
         self.graphed = GraphedStep(self.eager, graph) if graph != "off" else None
 
