@@ -13,6 +13,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -51,7 +52,7 @@ class Trained:
     seconds: float = 0.0
 
 
-def model_config(settings: TinyCodiSettings, vocab: int) -> object:
+def model_config(settings: TinyCodiSettings, vocab: int) -> Any:
     """The LLaMA config of the tiny model (``vocab`` rows: V for the saved base config, V + 3 to train)."""
     from transformers import LlamaConfig
 
