@@ -1,6 +1,7 @@
 """What ``ctexp codi train`` trains: the task, the model's size and the recipe, as one validated record.
 
-The defaults are the recipe that made latents help on ``mod10r`` (README, "Tiny CODI"): 2-4 steps,
+The defaults are the recipe an earlier study found on ``mod10r`` (one seed; README, ``ctexp codi``, has
+what it measured here: latents help at 2 steps, not yet at 4): 2-4 steps,
 T = 4 latents, a LLaMA of hidden size 128 and 4 layers, 100 teacher-only steps and then 4 curriculum
 stages of 250 steps, in which stage ``s`` replaces the first ``s`` CoT steps by latents.
 """
