@@ -9,6 +9,7 @@ line, a non-zero exit and nothing written.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -85,13 +86,26 @@ def test_checkpoint_round_trips_through_extract(tiny: tuple[Cli, Path], tmp_path
 
     store_dir = tmp_path / "store"
     cli("extract", "--model", str(model), "--data", f"aug:{model / 'data' / 'validation.jsonl'}", "--dtype", "fp32",
-        "--device", "cpu", "--positions", "3", "--batch-size", "4", "--out", str(store_dir))
+        "--device", "cpu", "--batch-size", "4", "--out", str(store_dir))
     store = load_store(store_dir)
-    assert store.meta.n_positions == 3 and store.meta.vocab == 17
+    assert store.meta.n_positions == 3  # no --positions: T as the checkpoint's config.json records it and store.meta.vocab == 17
     assert store.meta.tokenizer == f"hf:{model.resolve()}"
     for index, problem in enumerate(store.problems):
         expected = own_latent_loop(model, problem.question, 3)  # (S, T, d)
         assert torch.allclose(store.hidden[index, :, :3].float(), expected, atol=1e-5), problem.id
+
+
+def test_a_checkpoint_recording_a_bad_num_latent_is_refused_before_extracting(tiny: tuple[Cli, Path],
+                                                                             tmp_path: Path) -> None:
+    cli, model = tiny
+    copy = tmp_path / "model"
+    shutil.copytree(model, copy)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "num_latent": "four"}))
+    result = cli("extract", "--model", str(copy), "--data", f"aug:{copy / 'data' / 'validation.jsonl'}",
+                 "--device", "cpu", "--out", str(tmp_path / "store"), code=10)
+    assert "num_latent must be a positive integer" in result.output and "--positions" in result.output
+    assert not (tmp_path / "store").exists()
 
 
 def test_eval_json_by_steps(tiny: tuple[Cli, Path]) -> None:

@@ -70,7 +70,9 @@ def extract(
     lora_r: LoraROption = 128,
     lora_alpha: LoraAlphaOption = 32.0,
     max_answer_tokens: MaxAnswerTokensOption = 256,
-    positions: Annotated[int, typer.Option(help="Latent steps T (continuous thoughts).")] = 6,
+    positions: Annotated[
+        int | None, typer.Option(help="Latent steps T (continuous thoughts) [the checkpoint's num_latent, else 6].")
+    ] = None,
     shard_size: Annotated[int, typer.Option(help="Problems per shard: the unit of resumption and of memory.")] = 256,
     attention: Annotated[
         AttentionMode | None,

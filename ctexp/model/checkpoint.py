@@ -33,6 +33,10 @@ N_SPECIAL = 3  # pad, bot, eot
 _SKIPPABLE_SUFFIXES = ("rotary_emb.inv_freq", "attn.bias", "attn.masked_bias")
 _LORA_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.(?P<adapter>[^.]+)\.weight$")
 FIT_BASE = "--base must be the model CODI was trained from"
+# CODI's name for T (its training argument), where a checkpoint's config.json records it (ctexp codi
+# train writes it); a checkpoint without it ran CODI's default.
+LATENTS_KEY = "num_latent"
+DEFAULT_LATENTS = 6
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,27 @@ def resolve_files(model: Path, base: Path | None = None, tokenizer: Path | None 
         )
     tokenizer = (tokenizer or base).expanduser()
     return ModelFiles(checkpoint.resolve(), base.resolve(), tokenizer.resolve())
+
+
+def recorded_latents(model: Path) -> int:
+    """T, the latent steps the checkpoint at ``model`` was trained with: its config.json's ``num_latent``, else 6.
+
+    Raises:
+        ModelError: config.json is not JSON, or its ``num_latent`` is not a positive integer.
+    """
+    import json
+
+    model = model.expanduser()
+    config = (model if model.is_dir() else model.parent) / "config.json"
+    if not config.is_file():
+        return DEFAULT_LATENTS
+    try:
+        latents = json.loads(config.read_text(encoding="utf-8")).get(LATENTS_KEY, DEFAULT_LATENTS)
+    except (OSError, ValueError, AttributeError) as error:
+        raise ModelError(f"cannot read {config}: {first_line(error)}") from None
+    if not isinstance(latents, int) or isinstance(latents, bool) or latents < 1:
+        raise ModelError(f"{config}: {LATENTS_KEY} must be a positive integer, not {latents!r}; pass --positions T")
+    return latents
 
 
 def find_checkpoint(model: Path) -> Path:

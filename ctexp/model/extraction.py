@@ -43,7 +43,7 @@ from ctexp.data.store import NormSpec, StoreMeta, check_out
 from ctexp.errors import ConfigError
 from ctexp.model.answers import answered
 from ctexp.model.attention import ShardAttention, question_kinds, write_store_attention
-from ctexp.model.checkpoint import ModelFiles, resolve_files
+from ctexp.model.checkpoint import ModelFiles, recorded_latents, resolve_files
 from ctexp.model.codi import CodiModel, load_codi, load_hf_tokenizer, question_ids
 from ctexp.model.shards import Staging, partial_path
 from ctexp.records import FrozenRecord
@@ -75,7 +75,12 @@ class ExtractConfig(FrozenRecord):
 
 
 def make_config(**values: Any) -> ExtractConfig:
-    """Validate extraction settings, turning the first problem into a one-line ConfigError."""
+    """Validate extraction settings, turning the first problem into a one-line ConfigError.
+
+    ``positions`` None (or absent) is the T the checkpoint records (``checkpoint.recorded_latents``).
+    """
+    if values.get("positions") is None and values.get("model") is not None:
+        values["positions"] = recorded_latents(Path(values["model"]))
     try:
         return ExtractConfig(**values)
     except ValidationError as error:

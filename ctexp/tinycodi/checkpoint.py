@@ -54,7 +54,10 @@ def _write_model(trained: Trained, settings: TinyCodiSettings, directory: Path) 
         module, _, leaf = key.partition(".")
         state[f"prj.{names[module]}.{leaf}"] = value.detach().contiguous()
     save_file(state, str(directory / "model.safetensors"))
-    model_config(settings, VOCAB).save_pretrained(directory)
+    config = model_config(settings, VOCAB)
+    if trained.latents:
+        config.num_latent = trained.latents  # CODI's name for T: ctexp extract's default --positions
+    config.save_pretrained(directory)
     save_tokenizer(directory)
 
 
