@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -106,6 +107,41 @@ def test_every_trial_is_a_run_and_a_child_mlflow_run(home: Path, main_sweep: dic
             assert child.info.status == "KILLED" and child.data.tags["ctexp.pruned"] == "true"
         else:
             assert child.info.status == "FINISHED" and "test/top1" in child.data.metrics
+
+
+def test_recovery_reading_a_run_just_before_its_worker_finished_it_leaves_it_finished(
+    home: Path, main_sweep: dict, tmp_path: Path
+) -> None:
+    """A worker's recovery pass races another worker finishing a trial: if it read the run RUNNING and then
+    the trial COMPLETE, the run is not dead; both stores keep it FINISHED."""
+    from mlflow import MlflowClient
+
+    from ctexp.registry.locations import Locations
+    from ctexp.registry.models import RunStatus
+    from ctexp.sweep.recovery import WorkerId, recover
+
+    copy = tmp_path / "home"
+    shutil.copytree(home, copy)
+    locations = Locations.resolve(copy)
+    registry, tracker = locations.registry(), locations.tracker()
+    sweep_id = main_sweep["sweep"]["id"]
+    finished = [run for run in registry.list_trials(sweep_id) if run.status is RunStatus.FINISHED]
+
+    class ReadJustBeforeTheyFinished:  # the registry as one racing read saw it: every trial's run RUNNING
+        def __getattr__(self, name: str) -> object:
+            return getattr(registry, name)
+
+        def list_trials(self, sweep: int) -> list:
+            return [run.model_copy(update={"status": RunStatus.RUNNING}) for run in registry.list_trials(sweep)]
+
+    study = optuna.load_study(study_name="main", storage=journal(copy))
+    try:
+        assert recover(study, ReadJustBeforeTheyFinished(), tracker, sweep_id, WorkerId.current()) == []
+        client = MlflowClient(f"sqlite:///{copy}/mlflow.db")
+        assert finished and all(registry.resolve(run.id).status is RunStatus.FINISHED for run in finished)
+        assert {client.get_run(run.mlflow_run_id).info.status for run in finished} == {"FINISHED"}
+    finally:
+        registry.close()
 
 
 def test_optuna_dashboard_reads_the_objective_and_each_trials_mlflow_run(home: Path, main_sweep: dict) -> None:

@@ -99,9 +99,13 @@ def recover(study: optuna.Study, registry: Registry, tracker: Tracker | None, sw
     from ctexp.registry.models import RunStatus
 
     registry.mark_stale_runs(STALE_AFTER_SECONDS)
+    # The trials are read before the runs: a worker finishes its run before it tells Optuna, so a trial
+    # read as finished has a run that reads as ended. (Read the other way round, a run read RUNNING just
+    # before its worker finished it and then its trial read COMPLETE looked stuck, and was failed in MLflow.)
+    trials = study.get_trials(deepcopy=True)
     runs = {record.id: record for record in registry.list_trials(sweep_id)}
     failed: list[int] = []
-    for trial in study.get_trials(deepcopy=False):
+    for trial in trials:
         run = runs.get(trial.user_attrs.get(RUN_ATTR, ""))
         if trial.state is TrialState.RUNNING and _is_dead(trial, run, me):
             study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
@@ -132,6 +136,8 @@ def _end_dead_run(registry: Registry, tracker: Tracker | None, run: RunRecord, n
 
     with contextlib.suppress(CtexpError):
         registry.end_run(run.id, RunStatus.FAILED, f"worker died (trial {number}); the trial is retried")
+        if registry.resolve(run.id).status is RunStatus.FINISHED:  # its worker finished it after all
+            return
     if tracker is not None and run.mlflow_run_id:
         with contextlib.suppress(CtexpError):
             tracker.end_run(run.mlflow_run_id, "FAILED")
