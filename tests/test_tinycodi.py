@@ -8,8 +8,14 @@ line, a non-zero exit and nothing written.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -47,13 +53,17 @@ def test_train_writes_codi_layout(tiny: tuple[Cli, Path]) -> None:
     assert record["cot"].count("<<") == 3 and record["cot"].split("=")[-1].rstrip(">") == record["answer"]
 
 
-def test_training_is_deterministic_for_a_seed(tiny: tuple[Cli, Path], tmp_path: Path) -> None:
+def test_training_is_deterministic_for_a_seed_in_parallel_or_not(tiny: tuple[Cli, Path], tmp_path: Path) -> None:
+    """The fixture trained the direct model in a second process (--parallel, the default); trained one after
+    the other here, on as many threads, both models are the same bit for bit."""
     cli, model = tiny
-    cli("codi", "train", "--out", str(tmp_path / "again"), *TINY)
+    cli("codi", "train", "--out", str(tmp_path / "again"), *TINY, "--no-parallel")
     cli("codi", "train", "--out", str(tmp_path / "other"), *TINY, "--seed", "1")
-    first, again = load_file(str(model / "model.safetensors")), load_file(str(tmp_path / "again" / "model.safetensors"))
+    for file in ("model.safetensors", "direct/model.safetensors"):
+        first, again = load_file(str(model / file)), load_file(str(tmp_path / "again" / file))
+        assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+    first = load_file(str(model / "model.safetensors"))
     other = load_file(str(tmp_path / "other" / "model.safetensors"))
-    assert all(torch.equal(first[k], again[k]) for k in first)
     assert not torch.equal(first["prj.1.weight"], other["prj.1.weight"])
     assert (model / "data" / "test.jsonl").read_text() == (tmp_path / "again" / "data" / "test.jsonl").read_text()
 
@@ -143,6 +153,58 @@ def test_align_reads_the_held_out_problems(tiny: tuple[Cli, Path]) -> None:
 def test_bad_settings_write_nothing(cli: Cli, tmp_path: Path, flags: tuple[str, ...], message: str) -> None:
     result = cli("codi", "train", "--out", str(tmp_path / "m"), *flags, code=2)
     assert message in result.output
+    assert not (tmp_path / "m").exists() and not (tmp_path / "m.partial").exists()
+
+
+def test_a_diverging_training_stops_both_processes_and_writes_nothing(cli: Cli, tmp_path: Path) -> None:
+    result = cli("codi", "train", "--out", str(tmp_path / "m"), *TINY, "--lr", "1e9", code=11)
+    assert "non-finite" in result.output and "lower --lr" in result.output
+    assert not (tmp_path / "m").exists() and not (tmp_path / "m.partial").exists()
+
+
+def test_the_direct_models_process_reports_its_error() -> None:
+    """An error in the second process (here the direct model diverging) reaches the caller as its own type."""
+    from ctexp.errors import TrainingDiverged
+    from ctexp.tinycodi.pair import DirectInSubprocess
+    from ctexp.tinycodi.settings import TinyCodiSettings
+
+    settings = TinyCodiSettings(hidden=16, layers=1, heads=2, intermediate=32, batch_size=4, teacher_steps=2,
+                                stage_steps=2, stages=1, max_steps=2, lr=1e9, warmup=1)
+    seen: list[object] = []
+    with DirectInSubprocess(settings, set(), threads=1) as other, pytest.raises(TrainingDiverged, match="direct"):
+        other.result(seen.append)
+    assert seen and all(step.model == "direct" for step in seen)
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.add(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads child processes from /proc")
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_ends_the_training_and_its_second_process(tmp_path: Path, sig: int, code: int) -> None:
+    env = {**os.environ, "CTEXP_HOME": str(tmp_path / "home"), "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "ctexp.cli", "codi", "train", "--out", str(tmp_path / "m"),
+                                *TINY, "--stage-steps", "100000"], env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not _children(process.pid) and time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.2)
+    children = _children(process.pid)
+    assert children, "the direct model's process never started"
+    time.sleep(3)  # both models training
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == code, stderr
+    assert "Traceback" not in stderr
+    time.sleep(0.5)
+    assert not [pid for pid in children if Path(f"/proc/{pid}").exists()
+                and "Z" not in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]]
     assert not (tmp_path / "m").exists() and not (tmp_path / "m.partial").exists()
 
 

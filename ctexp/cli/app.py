@@ -10,11 +10,13 @@ module, each of which keeps its heavy libraries inside its functions).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from difflib import get_close_matches
 from typing import Annotated, Any
 
@@ -164,6 +166,19 @@ def stdout_console() -> Console:
 def stderr_console() -> Console:
     """Where progress bars go, so that stdout stays clean for --json."""
     return Console(stderr=True, width=200)
+
+
+@contextlib.contextmanager
+def bar_cleared_on_error(progress: Any) -> Iterator[None]:
+    """A failed command's answer is its one error line, not a half-full progress bar above it: on any
+    exception the bar is cleared, and the display prints nothing more on exit."""
+    try:
+        yield
+    except BaseException:
+        progress.live.transient = True
+        progress.live.stop()
+        progress.disable = True
+        raise
 
 
 def print_json(data: Any) -> None:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from ctexp.cli.app import print_json, stderr_console, stdout_console
+from ctexp.cli.app import bar_cleared_on_error, print_json, stderr_console, stdout_console
 from ctexp.cli.options import (
     BaseOption,
     BatchSizeOption,
@@ -116,14 +116,8 @@ def _run(plan: InterventionPlan, recorder: Recorder, as_json: bool) -> Intervent
         def on_progress(event: Any) -> None:
             progress.update(task, total=event.total, completed=event.done, label=event.label)
 
-        try:
+        with bar_cleared_on_error(progress):
             return record_intervention(plan, recorder, on_progress)
-        except BaseException:
-            # As `ctexp run`: a failed run's answer is its one error line, not a half-full bar above it.
-            progress.live.transient = True
-            progress.live.stop()
-            progress.disable = True
-            raise
 
 
 def register(app: typer.Typer) -> None:

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ctexp.cli.app import print_json, stderr_console, stdout_console
+from ctexp.cli.app import bar_cleared_on_error, print_json, stderr_console, stdout_console
 from ctexp.cli.options import experiment_options
 from ctexp.config import build_config
 
@@ -56,15 +56,8 @@ def run(
             status = f"val loss {record.val_loss:.3f}  top-1 {100 * record.val_top1:.1f}%"
             progress.update(task, advance=1, status=status)
 
-        try:
+        with bar_cleared_on_error(progress):  # the epochs are recorded: ctexp show has them
             result = recorder.run(config, plan=plan, on_epoch=on_epoch)
-        except BaseException:
-            # A failed run's answer is its one error line, not a half-full bar above it (the epochs are
-            # recorded: ctexp show has them). Cleared now, the display prints nothing more on exit.
-            progress.live.transient = True
-            progress.live.stop()
-            progress.disable = True
-            raise
         progress.update(task, total=len(result.epochs) or 1, completed=len(result.epochs) or 1)
     if as_json:
         typer.echo(result.model_dump_json(indent=2))

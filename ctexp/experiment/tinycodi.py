@@ -86,7 +86,7 @@ def _describe_training(result: TrainingResult) -> str:
 
 def record_training(
     settings: TinyCodiSettings, out: Path, recorder: Recorder, force: bool = False,
-    progress: Callable[[Progress], None] | None = None,
+    progress: Callable[[Progress], None] | None = None, parallel_threads: int | None = None,
 ) -> TrainingResult:
     """Train a tiny CODI (``train_tinycodi``) and record it in the results database, MLflow and its run directory.
 
@@ -108,7 +108,7 @@ def record_training(
         experiment=TINYCODI_EXPERIMENT,
         settings={**values, "out": str(out)},
         tags={"ctexp.settings_hash": settings_hash},
-        compute=lambda: train_tinycodi(settings, out, force=force, progress=progress),
+        compute=lambda: train_tinycodi(settings, out, force=force, progress=progress, parallel_threads=parallel_threads),
         result_json=lambda result: json.dumps({"settings": values, **summary(result)}, indent=2),
         metrics=metrics,
         figure=loss_figure,

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ctexp.tinycodi.checkpoint import SPLITS, check_out, write_checkpoint
+from ctexp.tinycodi.pair import train_pair
 from ctexp.tinycodi.settings import TinyCodiSettings
 from ctexp.tinycodi.task import TaskProblem, held_out
-from ctexp.tinycodi.train import Progress, Trained, train_pair
+from ctexp.tinycodi.train import Progress, Trained
 
 HELD_OUT_SEED = 1_000_003  # held-out problems depend on the seed, but not on the training stream
 
@@ -32,9 +33,13 @@ def held_out_problems(settings: TinyCodiSettings) -> dict[str, list[TaskProblem]
 
 
 def train_tinycodi(
-    settings: TinyCodiSettings, out: Path, force: bool = False, progress: Callable[[Progress], None] | None = None
+    settings: TinyCodiSettings, out: Path, force: bool = False, progress: Callable[[Progress], None] | None = None,
+    parallel_threads: int | None = None,
 ) -> TrainingResult:
     """Train the latent student and the direct model and write them to ``out`` (CODI's layout).
+
+    ``parallel_threads``: train the direct model at the same time in a second process on this many
+    threads (``train_pair``); the models are the same either way, for the same thread count.
 
     Raises:
         ConfigError: ``out`` exists without ``force``, or its parent does not; or too few distinct
@@ -44,6 +49,6 @@ def train_tinycodi(
     check_out(out, force)
     held = held_out_problems(settings)
     questions = {p.question for split in held.values() for p in split}
-    latent, direct = train_pair(settings, questions, progress)
+    latent, direct = train_pair(settings, questions, progress, parallel_threads)
     write_checkpoint(out, settings, latent, direct, held, force)
     return TrainingResult(out, settings, latent, direct, held)

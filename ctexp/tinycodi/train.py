@@ -1,7 +1,8 @@
 """The training loop: one tiny LLaMA and prj, AdamW with warmup and a final linear decay, the curriculum.
 
-``train_pair`` trains the T-latent student and, with the same architecture, data and step budget, the
-0-latent model that answers directly (the baseline ``ctexp codi eval`` compares with). A run is
+``train_model`` trains the T-latent student or, with the same architecture, data and step budget, the
+0-latent model that answers directly (the baseline ``ctexp codi eval`` compares with; both:
+:mod:`ctexp.tinycodi.pair`). A run is
 deterministic for a seed on a given number of threads: every random draw comes from the seed (the
 model's init from ``torch.manual_seed``, the problems from a ``random.Random``).
 """
@@ -129,12 +130,3 @@ def train_model(
     model.lm.eval().requires_grad_(False)
     model.prj.eval().requires_grad_(False)
     return trained
-
-
-def train_pair(
-    settings: TinyCodiSettings, held: set[str], progress: Callable[[Progress], None] | None = None
-) -> tuple[Trained, Trained]:
-    """The T-latent student and the 0-latent direct model, same data, init seed and budget."""
-    latent = train_model(settings, settings.latents, held, "latent", progress)
-    direct = train_model(settings, 0, held, "direct", progress)
-    return latent, direct

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 
-from ctexp.cli.app import print_json, stderr_console, stdout_console
+from ctexp.cli.app import bar_cleared_on_error, print_json, stderr_console, stdout_console
 from ctexp.cli.options import DbOption, HomeOption, JsonOption, TrackingOption
 
 if TYPE_CHECKING:
@@ -58,7 +59,10 @@ def settings_options(func: Any) -> Any:
 def train(
     out: Annotated[Path, typer.Option(help="Checkpoint directory to write (CODI's layout; ctexp extract reads it).")],
     settings: dict[str, Any] | None = None,
-    threads: Annotated[int | None, typer.Option(help="CPU threads for torch [torch's default].")] = None,
+    threads: Annotated[int | None, typer.Option(
+        help="CPU threads for torch, per model [half the cores with --parallel, else torch's default].")] = None,
+    parallel: Annotated[bool, typer.Option(
+        help="Train the direct model in a second process at the same time as the latent one.")] = True,
     force: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
     home: HomeOption = None,
     db_url: DbOption = None,
@@ -79,16 +83,19 @@ def train(
     from ctexp.tinycodi.settings import settings_from
 
     checked = settings_from(settings or {})
+    if threads is not None and threads < 1:
+        raise ConfigError("--threads must be at least 1")
+    if parallel and threads is None:
+        threads = max(1, (os.cpu_count() or 2) // 2)  # one model per half of the machine
     if threads is not None:
-        if threads < 1:
-            raise ConfigError("--threads must be at least 1")
         torch.set_num_threads(threads)
     check_out(out, force)  # before the progress bar draws anything
     locations = Locations.resolve(home, db_url, tracking_uri)
     with Recorder(locations) as recorder:  # both stores checked before training starts
         progress, update = _progress_bar(checked.total_steps, transient=as_json)
-        with progress:
-            result = record_training(checked, out, recorder, force=force, progress=update)
+        with progress, bar_cleared_on_error(progress):
+            result = record_training(checked, out, recorder, force=force, progress=update,
+                                     parallel_threads=threads if parallel else None)
     if as_json:
         print_json({"out": str(result.out), "latent_seconds": round(result.latent.seconds, 1),
                     "direct_seconds": round(result.direct.seconds, 1), "settings": checked.model_dump(mode="json")})
