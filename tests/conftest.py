@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
+import shutil
 import sqlite3
 import tempfile
 import uuid
@@ -106,14 +108,34 @@ def _template_home() -> Path:
     return home
 
 
+def copy_database(source: Path, target: Path) -> None:
+    """A consistent copy of a SQLite database through SQLite's backup API.
+
+    Never copy a live database's files with plain reads: closing any descriptor of a file drops this
+    process's POSIX locks on it, so a connection this process still holds (a pooled engine) loses its
+    WAL lock; another process then resets the -shm file under it and every later connection of this
+    process fails with "disk I/O error".
+    """
+    with contextlib.closing(sqlite3.connect(source)) as reader, contextlib.closing(sqlite3.connect(target)) as writer:
+        reader.backup(writer)
+
+
+def copy_home(source: Path, target: Path) -> Path:
+    """A copy of a ctexp home: its databases through ``copy_database``, every other file as it is."""
+    databases = ("*.db", "*.db-wal", "*.db-shm", "*.db-journal")
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns(*databases))
+    for database in source.rglob("*.db"):
+        copy_database(database, target / database.relative_to(source))
+    return target
+
+
 def seed_home(home: Path) -> None:
-    """Give an empty home the template's databases (consistent copies via SQLite's backup API)."""
+    """Give an empty home the template's databases."""
     if (home / "ctexp.db").exists():
         return
     home.mkdir(parents=True, exist_ok=True)
     for name in ("ctexp.db", "mlflow.db"):
-        with sqlite3.connect(_template_home() / name) as source, sqlite3.connect(home / name) as target:
-            source.backup(target)
+        copy_database(_template_home() / name, home / name)
 
 
 class Cli:

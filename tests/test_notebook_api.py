@@ -21,7 +21,7 @@ from ctexp.analysis.result import RunResult
 from ctexp.errors import ConfigError, RegistryError
 from ctexp.lens.kinds import Lens
 from ctexp.notebook import Home, open_home
-from tests.conftest import SMALL_WORLD, Cli
+from tests.conftest import SMALL_WORLD, Cli, copy_home
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +123,7 @@ def test_result_predictions_and_lens_are_the_runs_own(cli: Cli, home: Home) -> N
 def test_files_come_from_mlflow_when_the_run_directory_is_gone(cli: Cli, tmp_path: Path) -> None:
     record = cli.json("runs", "--lens", "layer")[0]
     moved = tmp_path / "home"
-    shutil.copytree(cli.home, moved)
+    copy_home(cli.home, moved)
     shutil.rmtree(moved / "runs" / record["id"])
     # A home without the run's directory, whose MLflow store (and its artifacts) still has the run.
     run = open_home(moved, tracking_uri=f"sqlite:///{cli.home}/mlflow.db").run(record["id"][:8])

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -23,7 +22,7 @@ import optuna
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.conftest import Cli, app_command, needs_postgres
+from tests.conftest import Cli, app_command, copy_home, needs_postgres
 
 WORLD = ["--world-problems", "120", "--world-layers", "2", "--world-hidden", "16"]
 SWEEP = [*WORLD, "--epochs", "6", "--patience", "2"]
@@ -121,7 +120,7 @@ def test_recovery_reading_a_run_just_before_its_worker_finished_it_leaves_it_fin
     from ctexp.sweep.recovery import WorkerId, recover
 
     copy = tmp_path / "home"
-    shutil.copytree(home, copy)
+    copy_home(home, copy)
     locations = Locations.resolve(copy)
     registry, tracker = locations.registry(), locations.tracker()
     sweep_id = main_sweep["sweep"]["id"]

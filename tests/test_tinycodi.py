@@ -176,6 +176,30 @@ def test_the_direct_models_process_reports_its_error() -> None:
     assert seen and all(step.model == "direct" for step in seen)
 
 
+def test_a_direct_model_that_finishes_first_is_kept() -> None:
+    """The child's final message can arrive while the latent model still trains (its progress callback
+    drains the queue): it is kept for ``result``, not dropped."""
+    from ctexp.tinycodi.pair import DirectInSubprocess
+    from ctexp.tinycodi.settings import TinyCodiSettings
+    from ctexp.tinycodi.train import Progress
+
+    settings = TinyCodiSettings(hidden=16, layers=1, heads=2, intermediate=32, batch_size=4, teacher_steps=2,
+                                stage_steps=2, stages=1, max_steps=2, warmup=1)
+    seen: list[Progress] = []
+    with DirectInSubprocess(settings, set(), threads=1) as other:
+        relay = other.relay(seen.append)
+        assert relay is not None
+        deadline = time.monotonic() + 120
+        while not any(step.model == "direct" and step.step == settings.total_steps for step in seen):
+            assert time.monotonic() < deadline, "the direct model never finished"
+            relay(Progress("latent", 1, settings.total_steps, 0, 1.0, 0.0, 0.0))
+            time.sleep(0.2)
+        time.sleep(1)
+        relay(Progress("latent", 2, settings.total_steps, 0, 1.0, 0.0, 0.0))  # reads the final message
+        direct = other.result(None)
+    assert direct.latents == 0 and len(direct.history) >= 1
+
+
 def _children(pid: int) -> set[int]:
     found = set()
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -199,7 +223,7 @@ def test_a_signal_ends_the_training_and_its_second_process(tmp_path: Path, sig: 
     assert children, "the direct model's process never started"
     time.sleep(3)  # both models training
     process.send_signal(sig)
-    _, stderr = process.communicate(timeout=60)
+    _, stderr = process.communicate(timeout=120)
     assert process.returncode == code, stderr
     assert "Traceback" not in stderr
     time.sleep(0.5)

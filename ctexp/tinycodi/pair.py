@@ -24,6 +24,7 @@ from ctexp.tinycodi.settings import TinyCodiSettings
 from ctexp.tinycodi.train import Progress, Trained, new_model, train_model
 
 POLL_SECONDS = 0.5
+GRACE_SECONDS = 5.0
 
 
 def _child(settings_json: dict[str, Any], held: list[str], threads: int, channel: Any) -> None:
@@ -52,6 +53,7 @@ class DirectInSubprocess:
     def __init__(self, settings: TinyCodiSettings, held: set[str], threads: int) -> None:
         context = multiprocessing.get_context("spawn")
         self._settings = settings
+        self._final: tuple[Any, ...] | None = None  # the child's last message, ("done", ...) or ("error", ...)
         self._channel = context.Queue()
         self._process = context.Process(
             target=_child, args=(settings.model_dump(mode="json"), sorted(held), threads, self._channel),
@@ -65,7 +67,11 @@ class DirectInSubprocess:
     def __exit__(self, *exc: object) -> None:
         if self._process.is_alive():
             self._process.terminate()
+            self._process.join(timeout=GRACE_SECONDS)
+            if self._process.is_alive():  # still writing to a full pipe, or otherwise stuck: no more waiting
+                self._process.kill()
         self._process.join()
+        self._channel.cancel_join_thread()
         self._channel.close()
 
     def relay(self, progress: Callable[[Progress], None] | None) -> Callable[[Progress], None] | None:
@@ -75,7 +81,10 @@ class DirectInSubprocess:
 
         def both(step: Progress) -> None:
             progress(step)
-            self._drain(progress, block=False)
+            if self._final is None:
+                self._final = self._drain(progress, block=False)
+            if self._final is not None and self._final[0] == "error":
+                self._finished(self._final)  # the direct model failed: stop the latent one too
 
         return both
 
@@ -85,10 +94,9 @@ class DirectInSubprocess:
         Raises:
             CtexpError: The child's training failed (its error, e.g. TrainingDiverged), or it died.
         """
-        while True:
-            message = self._drain(progress, block=True)
-            if message is not None:
-                return self._finished(message)
+        while self._final is None:  # the final message may have arrived while the latent model trained
+            self._final = self._drain(progress, block=True)
+        return self._finished(self._final)
 
     def _drain(self, progress: Callable[[Progress], None] | None, block: bool) -> tuple[Any, ...] | None:
         """Pass on progress messages; return the final message ("done" or "error") once it arrives."""
