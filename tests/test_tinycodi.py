@@ -148,12 +148,49 @@ def test_align_reads_the_held_out_problems(tiny: tuple[Cli, Path]) -> None:
         (("--hidden", "10", "--heads", "4"), "not a multiple of --heads"),
         (("--latents", "0"), "--latents"),
         (("--threads", "0"), "--threads"),
+        (("--task", "hops", "--max-steps", "8"), "--max-steps 8: a hops chain of 8 nodes has at most 7 hops"),
+        (("--task", "sums"), "--task"),
     ],
 )
 def test_bad_settings_write_nothing(cli: Cli, tmp_path: Path, flags: tuple[str, ...], message: str) -> None:
     result = cli("codi", "train", "--out", str(tmp_path / "m"), *flags, code=2)
     assert message in result.output
     assert not (tmp_path / "m").exists() and not (tmp_path / "m.partial").exists()
+
+
+@pytest.mark.parametrize("n_steps", [1, 4, 7])
+def test_a_hops_problem_follows_its_facts_from_the_start(n_steps: int) -> None:
+    """The CoT steps are the facts met hopping from the start; the chain has no cycle, every node is a
+    distinct digit, and the start leaves room for every hop."""
+    import random
+
+    from ctexp.tinycodi.task import CHAIN, Task, sample_problem
+
+    rng = random.Random(n_steps)
+    for _ in range(200):
+        problem = sample_problem(rng, n_steps, Task.HOPS)
+        *facts, start = problem.question.split(" ")
+        points_to = dict(fact.split("=") for fact in facts)
+        assert len(facts) == CHAIN - 1 and len(set(points_to) | set(points_to.values())) == CHAIN
+        node, hops = start, []
+        for _ in range(n_steps):
+            hops.append(f"{node}={points_to[node]}")
+            node = points_to[node]
+        assert problem.steps == hops and problem.answer == node != start
+
+
+def test_a_hops_checkpoint_round_trips_and_aligns(cli: Cli, tmp_path: Path) -> None:
+    out = tmp_path / "hops"
+    cli("codi", "train", "--out", str(out), *TINY, "--task", "hops")
+    assert json.loads((out / "tinycodi.json").read_text())["settings"]["task"] == "hops"
+    question = json.loads((out / "data" / "test.jsonl").read_text().splitlines()[0])["question"]
+    assert question.count("=") == 7
+    by_steps = cli.json("codi", "eval", "--model", str(out))["by_steps"]
+    assert [row["steps"] for row in by_steps] == [1, 2, 3] and all(row["n"] == 4 for row in by_steps)
+    aligned = cli("align", "--source", f"aug:{out}/data/test.jsonl", "--tokenizer", f"hf:{out}", "--positions", "3",
+                  "--format", "jsonl").stdout
+    rows = [json.loads(line) for line in aligned.splitlines() if line.strip()]
+    assert len(rows) == 12 and all(len(row["token_ids"]) == len(" ".join(row["steps"])) for row in rows)
 
 
 def test_a_diverging_training_stops_both_processes_and_writes_nothing(cli: Cli, tmp_path: Path) -> None:

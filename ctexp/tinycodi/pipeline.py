@@ -29,7 +29,7 @@ def held_out_problems(settings: TinyCodiSettings) -> dict[str, list[TaskProblem]
     """Validation and test problems of every length, distinct from each other."""
     rng, taken = random.Random(HELD_OUT_SEED + settings.seed), set[str]()
     sizes = {"validation": settings.validation, "test": settings.test}
-    return {split: held_out(rng, settings.lengths, sizes[split], taken) for split in SPLITS}
+    return {split: held_out(rng, settings.lengths, sizes[split], taken, settings.task) for split in SPLITS}
 
 
 def train_tinycodi(

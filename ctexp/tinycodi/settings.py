@@ -8,22 +8,17 @@ stages of 250 steps, in which stage ``s`` replaces the first ``s`` CoT steps by 
 
 from __future__ import annotations
 
-from enum import StrEnum
-
 from pydantic import Field, model_validator
 
 from ctexp.errors import ConfigError
 from ctexp.records import FrozenRecord
-
-
-class Task(StrEnum):
-    MOD10R = "mod10r"
+from ctexp.tinycodi.task import CHAIN, Task
 
 
 class TinyCodiSettings(FrozenRecord):
     """Every setting of a tiny-CODI training run (saved with the checkpoint as ``tinycodi.json``)."""
 
-    task: Task = Field(Task.MOD10R, description="Generated problems: mod10r (mod-10 chains, read right to left).")
+    task: Task = Field(Task.MOD10R, description="Generated problems: mod10r (mod-10 chains, read right to left) or hops (pointer chasing along a chain of digits).")
     min_steps: int = Field(2, ge=1, description="Fewest CoT steps of a generated problem.")
     max_steps: int = Field(4, ge=1, description="Most CoT steps of a generated problem.")
     latents: int = Field(4, ge=1, description="T: latent steps of the student.")
@@ -53,6 +48,8 @@ class TinyCodiSettings(FrozenRecord):
             raise ValueError(f"--min-steps {self.min_steps} exceeds --max-steps {self.max_steps}")
         if self.hidden % self.heads:
             raise ValueError(f"--hidden {self.hidden} is not a multiple of --heads {self.heads}")
+        if self.task is Task.HOPS and self.max_steps >= CHAIN:
+            raise ValueError(f"--max-steps {self.max_steps}: a hops chain of {CHAIN} nodes has at most {CHAIN - 1} hops")
         return self
 
     @property

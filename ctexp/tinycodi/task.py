@@ -1,20 +1,38 @@
 """Generated multi-step problems whose CoT steps ``ctexp align`` reads (``2*3=6``, GSM8K-Aug's form).
 
+Each task is one sampler (``SAMPLERS``); a new task is a function from (rng, number of steps) to a
+problem, and a member of ``Task``.
+
 ``mod10r``: a chain of operations mod 10 that only uses bijections (``+a``, ``-a``, ``*3``, ``*7``,
 ``*9``), so no step can be skipped or guessed from a later one. The question lists the operations
 last-applied first and then the start value (``-7 -8 -2 *3 2``: start at 2, times 3, minus 2, minus 8,
 minus 7), so that the first thing the model must compute is at the end of the question and the
 answer cannot be read off the question's left end. The CoT steps are the intermediate values as
 equations (``2*3=6 6-2=4 4-8=6 6-7=9``, arithmetic mod 10) and the answer is the last value.
+
+``hops``: pointer chasing along a chain of ``CHAIN`` distinct digits stated as shuffled facts (``5=2``:
+5 points to 2). The question lists the facts, then a start node; each CoT step is one hop (``3=7``)
+and the answer is the node ``k`` hops on. Each hop is a lookup by content (the fact whose left side is
+the current node), the step a latent can take; the chain has no cycles and its start is drawn so that
+``k`` hops stay on it, so the answer can be neither the start nor guessed from a cycle's length.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
+from collections.abc import Callable
+from enum import StrEnum
 from pathlib import Path
 
 from ctexp.records import FrozenRecord
+
+
+class Task(StrEnum):
+    MOD10R = "mod10r"
+    HOPS = "hops"
+
 
 MODULUS = 10
 OPERATIONS: tuple[str, ...] = (
@@ -22,6 +40,7 @@ OPERATIONS: tuple[str, ...] = (
     *(f"-{a}" for a in range(1, MODULUS)),
     "*3", "*7", "*9",  # the units of Z/10 other than 1: multiplication by them is a bijection
 )
+CHAIN = 8  # nodes of a hops chain (of the 10 digits): 7 facts, at most 7 hops
 
 
 class TaskProblem(FrozenRecord):
@@ -60,18 +79,41 @@ def make_problem(start: int, operations: list[str]) -> TaskProblem:
     return TaskProblem(question=" ".join([*reversed(operations), str(start)]), steps=steps, answer=str(value))
 
 
-def sample_problem(rng: random.Random, n_steps: int) -> TaskProblem:
-    """A uniformly drawn problem of ``n_steps`` operations."""
+def sample_mod10r(rng: random.Random, n_steps: int) -> TaskProblem:
+    """A uniformly drawn mod10r problem of ``n_steps`` operations."""
     return make_problem(rng.randrange(MODULUS), [rng.choice(OPERATIONS) for _ in range(n_steps)])
 
 
-def held_out(rng: random.Random, lengths: range, per_length: int, exclude: set[str]) -> list[TaskProblem]:
+def sample_hops(rng: random.Random, n_steps: int) -> TaskProblem:
+    """A hops problem: a random chain of ``CHAIN`` digits, its facts shuffled, a start ``n_steps`` before its end or earlier."""
+    if not 1 <= n_steps < CHAIN:
+        raise ValueError(f"a hops chain of {CHAIN} nodes allows 1 to {CHAIN - 1} steps, not {n_steps}")
+    nodes = rng.sample(range(MODULUS), CHAIN)  # the chain nodes[0] -> nodes[1] -> ...
+    facts = [f"{a}={b}" for a, b in itertools.pairwise(nodes)]
+    rng.shuffle(facts)
+    start = rng.randrange(CHAIN - n_steps)
+    path = nodes[start:start + n_steps + 1]
+    steps = [f"{a}={b}" for a, b in itertools.pairwise(path)]
+    return TaskProblem(question=" ".join([*facts, str(path[0])]), steps=steps, answer=str(path[-1]))
+
+
+SAMPLERS: dict[Task, Callable[[random.Random, int], TaskProblem]] = {Task.MOD10R: sample_mod10r, Task.HOPS: sample_hops}
+
+
+def sample_problem(rng: random.Random, n_steps: int, task: Task = Task.MOD10R) -> TaskProblem:
+    """A uniformly drawn problem of ``task`` with ``n_steps`` CoT steps."""
+    return SAMPLERS[task](rng, n_steps)
+
+
+def held_out(
+    rng: random.Random, lengths: range, per_length: int, exclude: set[str], task: Task = Task.MOD10R,
+) -> list[TaskProblem]:
     """``per_length`` distinct problems of each length whose questions are not in ``exclude`` (which grows)."""
     found: list[TaskProblem] = []
     for n_steps in lengths:
         drawn = 0
         while drawn < per_length:
-            problem = sample_problem(rng, n_steps)
+            problem = sample_problem(rng, n_steps, task)
             if problem.question not in exclude:
                 exclude.add(problem.question)
                 found.append(problem)

@@ -86,7 +86,7 @@ def training_problems(rng: random.Random, settings: TinyCodiSettings, held: set[
     """One batch: a uniform length, then a uniform problem of that length, never a held-out one."""
     batch: list[TaskProblem] = []
     while len(batch) < settings.batch_size:
-        problem = sample_problem(rng, rng.choice(settings.lengths))
+        problem = sample_problem(rng, rng.choice(settings.lengths), settings.task)
         if problem.question not in held:
             batch.append(problem)
     return batch
