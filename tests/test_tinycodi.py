@@ -150,6 +150,7 @@ def test_align_reads_the_held_out_problems(tiny: tuple[Cli, Path]) -> None:
         (("--threads", "0"), "--threads"),
         (("--task", "hops", "--max-steps", "8"), "--max-steps 8: a hops chain of 8 nodes has at most 7 hops"),
         (("--task", "sums"), "--task"),
+        (("--min-steps", "1"), "mod10r has only 210 distinct 1-step questions"),
     ],
 )
 def test_bad_settings_write_nothing(cli: Cli, tmp_path: Path, flags: tuple[str, ...], message: str) -> None:

@@ -12,7 +12,7 @@ from pydantic import Field, model_validator
 
 from ctexp.errors import ConfigError
 from ctexp.records import FrozenRecord
-from ctexp.tinycodi.task import CHAIN, Task
+from ctexp.tinycodi.task import CHAIN, Task, distinct_questions
 
 
 class TinyCodiSettings(FrozenRecord):
@@ -50,6 +50,15 @@ class TinyCodiSettings(FrozenRecord):
             raise ValueError(f"--hidden {self.hidden} is not a multiple of --heads {self.heads}")
         if self.task is Task.HOPS and self.max_steps >= CHAIN:
             raise ValueError(f"--max-steps {self.max_steps}: a hops chain of {CHAIN} nodes has at most {CHAIN - 1} hops")
+        held = self.validation + self.test
+        for n_steps in self.lengths:
+            # Held-out questions are never trained on: keep at least half of each length for training.
+            if 2 * held > (count := distinct_questions(self.task, n_steps)):
+                raise ValueError(
+                    f"--min-steps {self.min_steps}: {self.task} has only {count} distinct {n_steps}-step questions, too few"
+                    f" to hold out --validation + --test = {held} and train on the rest; raise --min-steps or lower"
+                    " --validation/--test"
+                )
         return self
 
     @property

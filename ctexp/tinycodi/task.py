@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import random
 from collections.abc import Callable
 from enum import StrEnum
@@ -98,6 +99,14 @@ def sample_hops(rng: random.Random, n_steps: int) -> TaskProblem:
 
 
 SAMPLERS: dict[Task, Callable[[random.Random, int], TaskProblem]] = {Task.MOD10R: sample_mod10r, Task.HOPS: sample_hops}
+
+
+def distinct_questions(task: Task, n_steps: int) -> int:
+    """How many different questions of ``n_steps`` steps ``task`` can draw (held-out splits need enough)."""
+    if task is Task.MOD10R:
+        return MODULUS * len(OPERATIONS) ** n_steps
+    chains = math.perm(MODULUS, CHAIN)  # a chain's nodes in order; its facts, in any order, then a start
+    return chains * math.factorial(CHAIN - 1) * (CHAIN - n_steps)
 
 
 def sample_problem(rng: random.Random, n_steps: int, task: Task = Task.MOD10R) -> TaskProblem:
