@@ -42,8 +42,8 @@ def train_tinycodi(
     threads (``train_pair``); the models are the same either way, for the same thread count.
 
     Raises:
-        ConfigError: ``out`` exists without ``force``, or its parent does not; or too few distinct
-            problems exist for the held-out splits.
+        ConfigError: ``out`` exists without ``force``, or its parent does not (``TinyCodiSettings``
+            already refused step ranges too small for the held-out splits).
         TrainingDiverged: A loss went non-finite.
     """
     check_out(out, force)

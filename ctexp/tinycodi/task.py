@@ -1,7 +1,8 @@
 """Generated multi-step problems whose CoT steps ``ctexp align`` reads (``2*3=6``, GSM8K-Aug's form).
 
-Each task is one sampler (``SAMPLERS``); a new task is a function from (rng, number of steps) to a
-problem, and a member of ``Task``.
+Each task is one sampler (``SAMPLERS``) and one count of its distinct questions (``QUESTION_COUNTS``); a
+new task is a function from (rng, number of steps) to a problem, a function from the number of steps
+to how many questions it can draw, and a member of ``Task``.
 
 ``mod10r``: a chain of operations mod 10 that only uses bijections (``+a``, ``-a``, ``*3``, ``*7``,
 ``*9``), so no step can be skipped or guessed from a later one. The question lists the operations
@@ -101,12 +102,22 @@ def sample_hops(rng: random.Random, n_steps: int) -> TaskProblem:
 SAMPLERS: dict[Task, Callable[[random.Random, int], TaskProblem]] = {Task.MOD10R: sample_mod10r, Task.HOPS: sample_hops}
 
 
+def mod10r_questions(n_steps: int) -> int:
+    """Distinct mod10r questions of ``n_steps`` steps: a start value and an operation per step."""
+    return MODULUS * len(OPERATIONS) ** n_steps
+
+
+def hops_questions(n_steps: int) -> int:
+    """Distinct hops questions of ``n_steps`` steps: a chain's nodes in order, its facts in any order, a start."""
+    return math.perm(MODULUS, CHAIN) * math.factorial(CHAIN - 1) * (CHAIN - n_steps)
+
+
+QUESTION_COUNTS: dict[Task, Callable[[int], int]] = {Task.MOD10R: mod10r_questions, Task.HOPS: hops_questions}
+
+
 def distinct_questions(task: Task, n_steps: int) -> int:
     """How many different questions of ``n_steps`` steps ``task`` can draw (held-out splits need enough)."""
-    if task is Task.MOD10R:
-        return MODULUS * len(OPERATIONS) ** n_steps
-    chains = math.perm(MODULUS, CHAIN)  # a chain's nodes in order; its facts, in any order, then a start
-    return chains * math.factorial(CHAIN - 1) * (CHAIN - n_steps)
+    return QUESTION_COUNTS[task](n_steps)
 
 
 def sample_problem(rng: random.Random, n_steps: int, task: Task = Task.MOD10R) -> TaskProblem:
