@@ -9,6 +9,7 @@ line, a non-zero exit and nothing written.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -151,6 +152,7 @@ def test_align_reads_the_held_out_problems(tiny: tuple[Cli, Path]) -> None:
         (("--task", "hops", "--max-steps", "8"), "--max-steps 8: a hops chain of 8 nodes has at most 7 hops"),
         (("--task", "sums"), "--task"),
         (("--min-steps", "1"), "mod10r has only 210 distinct 1-step questions"),
+        (("--latent-forcing", "1.5"), "--latent-forcing"),
     ],
 )
 def test_bad_settings_write_nothing(cli: Cli, tmp_path: Path, flags: tuple[str, ...], message: str) -> None:
@@ -192,6 +194,57 @@ def test_a_hops_checkpoint_round_trips_and_aligns(cli: Cli, tmp_path: Path) -> N
                   "--format", "jsonl").stdout
     rows = [json.loads(line) for line in aligned.splitlines() if line.strip()]
     assert len(rows) == 12 and all(len(row["token_ids"]) == len(" ".join(row["steps"])) for row in rows)
+
+
+def test_latent_forcing_decays_from_the_first_stage_to_the_last() -> None:
+    from ctexp.tinycodi.settings import TinyCodiSettings
+
+    settings = TinyCodiSettings(teacher_steps=100, stages=4, stage_steps=250, latent_forcing=0.8)
+    weights = [settings.forcing(step) for step in range(settings.total_steps)]
+    assert weights[99] == 0.8 and weights[100] == 0.8 and weights[100 + 3 * 250] == 0.0 == weights[-1]
+    assert weights[100 + 375] == pytest.approx(0.4)
+    assert all(a >= b for a, b in itertools.pairwise(weights[100:]))
+    assert TinyCodiSettings().forcing(500) == 0.0  # off by default: plain CODI
+
+
+def test_full_forcing_feeds_each_steps_value_embedding_at_the_thoughts_norm() -> None:
+    """At weight 1 the thought fed after latent p is the input embedding of step p's value, at prj's norm."""
+    from ctexp.model.codi import CodiModel
+    from ctexp.tinycodi.objective import value_forcing
+    from ctexp.tinycodi.settings import TinyCodiSettings
+    from ctexp.tinycodi.task import make_problem
+    from ctexp.tinycodi.train import new_model
+    from ctexp.tinycodi.vocab import encode, question_ids
+
+    model: CodiModel = new_model(TinyCodiSettings(hidden=16, heads=2, intermediate=32, layers=2), seed=0)
+    problems = [make_problem(2, ["*3", "-2", "+5"]), make_problem(7, ["+1", "*9"])]  # values 6 4 9 and 8 2
+    prompts = [question_ids(p.question) for p in problems]
+    assert value_forcing(model, problems, 3, 3, 0.0) is None
+    with torch.no_grad():
+        plain = model.latents(prompts, 3)
+        forced = model.latents(prompts, 3, value_forcing(model, problems, 3, 3, 1.0))
+        embed = model.lm.get_input_embeddings().weight
+        assert torch.equal(forced.inputs[0], plain.inputs[0])  # prj(bot state): nothing is forced before latent 0
+        for position, values in ((0, "68"), (1, "42")):  # the second problem's value stays 2 past its last step
+            fed = forced.inputs[position + 1][:, 0]  # (B, d)
+            wanted = embed[[encode(value)[0] for value in values]]  # (B, d)
+            cosine = torch.nn.functional.cosine_similarity(fed, wanted, dim=-1)
+            assert torch.allclose(cosine, torch.ones(2), atol=1e-5)
+        assert not torch.equal(forced.latent[1], plain.latent[1])
+    # Two thoughts a step: only the second of each pair ends a step, and only it is forced (to that step's value).
+    paired = value_forcing(model, problems, 2, 4, 1.0)
+    assert paired is not None and [value is None for value in paired.values] == [True, False, True]
+    assert torch.equal(paired.values[1], value_forcing(model, problems, 3, 3, 1.0).values[0])
+
+
+def test_latent_forcing_changes_the_student_and_not_the_direct_model(cli: Cli, tmp_path: Path) -> None:
+    """With 3 stages the second runs 2 latents while forcing is at half weight (TINY's 2 stages never force)."""
+    for name, forcing in (("plain", "0"), ("forced", "1")):
+        cli("codi", "train", "--out", str(tmp_path / name), *TINY, "--stages", "3", "--latent-forcing", forcing)
+    assert json.loads((tmp_path / "forced" / "tinycodi.json").read_text())["settings"]["latent_forcing"] == 1.0
+    for file, same in (("model.safetensors", False), ("direct/model.safetensors", True)):
+        plain, forced = (load_file(str(tmp_path / name / file)) for name in ("plain", "forced"))
+        assert all(torch.equal(plain[k], forced[k]) for k in plain) is same
 
 
 def test_a_diverging_training_stops_both_processes_and_writes_nothing(cli: Cli, tmp_path: Path) -> None:

@@ -7,6 +7,11 @@ Sequences (ids; ``bot`` and ``eot`` are CODI's special ids, after the vocabulary
 * student in a stage that replaces ``r`` steps with ``n`` latents: ``<s> question bot``, ``n`` latent
   steps through prj (CODI's own loop, ``CodiModel.latents``), then ``eot`` + the remaining steps + the
   answer + ``</s>``; cross-entropy on what follows ``eot``. With every step replaced it answers at once.
+* latent forcing (optional, a curriculum of ours): the thought fed back after latent ``p`` is mixed with
+  the input embedding of the value its step computes, ``(1 - a) z + a e`` (``e`` rescaled to ``z``'s norm),
+  with ``a`` falling to 0 by the last stage: a start for the path that carries a value from one latent
+  pass to the next, which plain CODI did not learn at this size (README has what forcing measured: it
+  learned the path while forced, and lost it as the weight fell). Evaluation and extraction never force.
 * distillation (optional, as in CODI): L1 between the student's and the (detached) teacher's hidden
   states at the token that predicts the answer's first token, every layer, each scaled by the teacher
   layer's standard deviation.
@@ -14,7 +19,10 @@ Sequences (ids; ``bot`` and ``eot`` are CODI's special ids, after the vocabulary
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.nn import functional
@@ -39,6 +47,54 @@ class Losses:
 def continuation(problem: TaskProblem, replaced: int) -> list[int]:
     """What follows ``eot`` once the first ``replaced`` steps are latents: the other steps, the answer, EOS."""
     return [*encode(" ".join([*problem.steps[replaced:], problem.answer])), EOS_ID]
+
+
+@dataclass(frozen=True)
+class ValueForcing:
+    """A ``ThoughtPatch`` that mixes each fed-back thought with its step's value embedding.
+
+    ``values[p]`` (B, 1, d) is the value embedding after latent ``p``, or None where latent ``p`` ends no step.
+    """
+
+    values: list[torch.Tensor | None]
+    weight: float
+
+    def feedback(self, position: int, z: torch.Tensor) -> torch.Tensor:
+        value = self.values[position]  # (B, 1, d)
+        if value is None:
+            return z
+        scaled = value * (z.detach().norm(dim=-1, keepdim=True) / value.norm(dim=-1, keepdim=True).clamp(min=1e-6))
+        return (1 - self.weight) * z + self.weight * scaled
+
+    @contextlib.contextmanager
+    def during(self, lm: Any, position: int) -> Iterator[None]:
+        yield
+
+
+def value_forcing(
+    model: CodiModel, problems: list[TaskProblem], replaced: int, latents: int, weight: float,
+) -> ValueForcing | None:
+    """The forcing of a stage whose ``latents`` thoughts stand for the first ``replaced`` steps (None at weight 0).
+
+    The thoughts share the steps evenly: latent ``p`` ends step ``s`` when ``s + 1 == (p + 1) * replaced //
+    latents`` rises at ``p`` (every latent when they are as many; every second one with twice as many), and
+    only a thought that ends a step is forced; past a problem's last step, to its last value. A value's
+    embedding is the mean of its token embeddings (one digit in the tasks here), detached: a target, not a
+    parameter path.
+    """
+    if weight <= 0 or latents < 2:
+        return None
+    embed = model.lm.get_input_embeddings()
+    values: list[torch.Tensor | None] = []
+    for p in range(latents - 1):  # the last thought's projection is never fed back (eot follows)
+        done = (p + 1) * replaced // latents
+        if done == p * replaced // latents:
+            values.append(None)
+            continue
+        rows = [embed(torch.tensor(encode(problem.results[min(done, problem.n_steps) - 1]))).mean(0, keepdim=True)
+                for problem in problems]
+        values.append(torch.stack(rows).detach())  # (B, 1, d)
+    return ValueForcing(values, weight)
 
 
 def _right_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,14 +136,19 @@ def teacher_loss(model: CodiModel, problems: list[TaskProblem]) -> tuple[torch.T
 
 
 def student_loss(
-    model: CodiModel, problems: list[TaskProblem], replaced: int, latents: int, with_states: bool
+    model: CodiModel, problems: list[TaskProblem], replaced: int, latents: int, with_states: bool,
+    forcing: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Student CE after ``latents`` latent steps that stand for the first ``replaced`` CoT steps.
+
+    Args:
+        forcing: Weight of each step's value in the thoughts fed back (``value_forcing``); 0 is plain CODI.
 
     Returns:
         The CE, and with ``with_states`` the student's hidden states at the answer-predicting token (S, B, d).
     """
-    loop = model.latents([question_ids(p.question) for p in problems], latents)
+    patch = value_forcing(model, problems, replaced, latents, forcing)
+    loop = model.latents([question_ids(p.question) for p in problems], latents, patch)
     suffixes = [[model.eot_id, *continuation(p, replaced)] for p in problems]
     ids, mask = _right_pad(suffixes, model.pad_id)  # (B, m)
     out = model.feed(model.lm.get_input_embeddings()(ids), loop, hidden=with_states)
@@ -109,7 +170,7 @@ def distillation(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 
 def batch_losses(
     model: CodiModel, problems: list[TaskProblem], replaced: int, latents: int, teacher_weight: float,
-    distill_weight: float, student: bool,
+    distill_weight: float, student: bool, forcing: float = 0.0,
 ) -> Losses:
     """The step's losses: teacher CE, and (after the teacher-only steps) student CE and distillation."""
     teacher, teacher_states, _ = teacher_loss(model, problems)
@@ -117,7 +178,7 @@ def batch_losses(
     student_value = distill_value = 0.0
     if student:
         wants_states = distill_weight > 0
-        loss, states = student_loss(model, problems, replaced, latents, wants_states)
+        loss, states = student_loss(model, problems, replaced, latents, wants_states, forcing)
         total = total + loss
         student_value = float(loss.detach())
         if states is not None:

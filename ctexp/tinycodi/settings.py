@@ -38,6 +38,9 @@ class TinyCodiSettings(FrozenRecord):
     stages: int = Field(4, ge=1, description="Curriculum stages; stage s replaces the first s CoT steps.")
     teacher_weight: float = Field(1.0, ge=0, description="Weight of the teacher's CE (explicit CoT).")
     distill_weight: float = Field(0.0, ge=0, description="Weight of the L1 distillation at the answer token.")
+    latent_forcing: float = Field(0.0, ge=0, le=1, description=(
+        "Latent forcing at the first stage: each fed-back thought is mixed with the embedding of the value its"
+        " step computes, with this weight, decaying linearly to 0 by the last stage (0: plain CODI)."))
     validation: int = Field(100, ge=1, description="Held-out validation problems per length.")
     test: int = Field(500, ge=1, description="Held-out test problems per length.")
     seed: int = Field(0, description="Seed of the models' init, the problems and the held-out split.")
@@ -82,6 +85,13 @@ class TinyCodiSettings(FrozenRecord):
     def latents_at(self, stage: int, student_latents: int) -> int:
         """Latent steps the student runs in ``stage`` (a 0-latent model runs none)."""
         return student_latents if stage >= self.stages else stage * student_latents // self.stages
+
+    def forcing(self, step: int) -> float:
+        """Weight of the step's value in each fed-back thought at ``step``: ``latent_forcing`` when the first
+        stage starts, falling linearly to 0 when the last stage starts (over one stage if there is only one)."""
+        span = max(1, self.stages - 1) * self.stage_steps
+        progress = min(1.0, max(0.0, (step - self.teacher_steps) / span))
+        return self.latent_forcing * (1 - progress)
 
     def learning_rate(self, step: int) -> float:
         """Warmup, a plateau, then linear decay over the last ``decay_fraction`` of the steps."""

@@ -56,6 +56,11 @@ class TaskProblem(FrozenRecord):
     def n_steps(self) -> int:
         return len(self.steps)
 
+    @property
+    def results(self) -> list[str]:
+        """The value each step computes: the text after its ``=`` (``2*3=6`` -> ``6``)."""
+        return [step.rsplit("=", 1)[-1] for step in self.steps]
+
     def aug_record(self) -> dict[str, str]:
         """The GSM8K-Aug JSONL object (``question``, ``cot``, ``answer``) that ``aug:PATH`` reads."""
         return {"question": self.question, "cot": " ".join(f"<<{s}>>" for s in self.steps), "answer": self.answer}

@@ -113,6 +113,7 @@ def train_model(
         losses = batch_losses(
             model, training_problems(rng, settings, held), settings.replaced(stage),
             settings.latents_at(stage, latents), settings.teacher_weight, settings.distill_weight, student=stage > 0,
+            forcing=settings.forcing(step),
         )
         if not math.isfinite(float(losses.total.detach())):
             raise TrainingDiverged(f"the {name} model's loss went non-finite at step {step}; lower --lr")
