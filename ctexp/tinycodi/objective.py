@@ -20,7 +20,8 @@ Sequences (ids; ``bot`` and ``eot`` are CODI's special ids, after the vocabulary
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import itertools
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,9 +67,8 @@ class ValueForcing:
         scaled = value * (z.detach().norm(dim=-1, keepdim=True) / value.norm(dim=-1, keepdim=True).clamp(min=1e-6))
         return (1 - self.weight) * z + self.weight * scaled
 
-    @contextlib.contextmanager
-    def during(self, lm: Any, position: int) -> Iterator[None]:
-        yield
+    def during(self, lm: Any, position: int) -> AbstractContextManager[None]:
+        return contextlib.nullcontext()  # forcing touches only the fed-back thoughts
 
 
 def value_forcing(
@@ -84,16 +84,17 @@ def value_forcing(
     """
     if weight <= 0 or latents < 2:
         return None
-    embed = model.lm.get_input_embeddings()
+    table = model.lm.get_input_embeddings().weight.detach()  # (V + 3, d)
     values: list[torch.Tensor | None] = []
     for p in range(latents - 1):  # the last thought's projection is never fed back (eot follows)
         done = (p + 1) * replaced // latents
         if done == p * replaced // latents:
             values.append(None)
             continue
-        rows = [embed(torch.tensor(encode(problem.results[min(done, problem.n_steps) - 1]))).mean(0, keepdim=True)
-                for problem in problems]
-        values.append(torch.stack(rows).detach())  # (B, 1, d)
+        ids = [encode(problem.results[min(done, problem.n_steps) - 1]) for problem in problems]
+        flat = torch.tensor([i for row in ids for i in row], device=table.device)
+        offsets = torch.tensor([0, *itertools.accumulate(len(row) for row in ids[:-1])], device=table.device)
+        values.append(functional.embedding_bag(flat, table, offsets, mode="mean").unsqueeze(1))  # (B, 1, d)
     return ValueForcing(values, weight)
 
 
