@@ -51,7 +51,7 @@ def test_train_writes_codi_layout(tiny: tuple[Cli, Path]) -> None:
     lines = (model / "data" / "test.jsonl").read_text().splitlines()
     assert len(lines) == 3 * 4  # 4 problems of each length 1..3
     record = json.loads(lines[-1])
-    assert record["cot"].count("<<") == 3 and record["cot"].split("=")[-1].rstrip(">") == record["answer"]
+    assert record["cot"].count("<<") == 3 and record["cot"].rsplit("<<", 1)[-1].rstrip(">").split("=")[-1] == record["answer"]
 
 
 def test_training_is_deterministic_for_a_seed_in_parallel_or_not(tiny: tuple[Cli, Path], tmp_path: Path) -> None:
@@ -151,8 +151,10 @@ def test_align_reads_the_held_out_problems(tiny: tuple[Cli, Path]) -> None:
         (("--threads", "0"), "--threads"),
         (("--task", "hops", "--max-steps", "8"), "--max-steps 8: a hops chain of 8 nodes has at most 7 hops"),
         (("--task", "sums"), "--task"),
-        (("--min-steps", "1"), "mod10r has only 210 distinct 1-step questions"),
+        (("--min-steps", "1"), "mod10v has only 210 distinct 1-step questions"),
+        (("--prj-gain", "0"), "--prj-gain"),
         (("--latent-forcing", "1.5"), "--latent-forcing"),
+        (("--thought-isolation", "-0.1"), "--thought-isolation"),
     ],
 )
 def test_bad_settings_write_nothing(cli: Cli, tmp_path: Path, flags: tuple[str, ...], message: str) -> None:
@@ -247,6 +249,54 @@ def test_latent_forcing_changes_the_student_and_not_the_direct_model(cli: Cli, t
         assert all(torch.equal(plain[k], forced[k]) for k in plain) is same
 
 
+def test_an_isolated_thought_sees_only_the_question_bot_and_itself() -> None:
+    """Each isolated latent step's state equals one full pass in which the earlier thoughts are masked out, and
+    what follows the loop sees only the last thought; rows not isolated run CODI's loop as it is."""
+    from ctexp.model.codi import CodiModel
+    from ctexp.tinycodi.settings import TinyCodiSettings
+    from ctexp.tinycodi.task import make_problem
+    from ctexp.tinycodi.train import new_model
+    from ctexp.tinycodi.vocab import question_ids
+
+    model: CodiModel = new_model(TinyCodiSettings(hidden=16, heads=2, intermediate=32, layers=2), seed=0)
+    model.lm.eval()
+    problems = [make_problem(2, ["*3", "-2", "+5"]), make_problem(7, ["+1", "*9", "-4"])]
+    prompts = [question_ids(p.question) for p in problems]
+    isolated = torch.tensor([True, False])
+    with torch.no_grad():
+        plain = model.latents(prompts, 3)
+        loop = model.latents(prompts, 3, isolated=isolated)
+        assert torch.equal(loop.latent[0], plain.latent[0])  # nothing earlier to hide from the first thought
+        n = loop.ids.shape[1]
+        embeds = torch.cat([model.lm.get_input_embeddings()(loop.ids), *loop.inputs], dim=1)  # (B, n + 3, d)
+        positions = torch.cat([loop.positions, loop.positions[:, -1:] + torch.arange(1, 4)], dim=1)
+        for step in range(1, 3):
+            mask = torch.cat([loop.mask[:, :n], torch.ones(2, step + 1, dtype=torch.long)], dim=1)
+            mask[0, n : n + step] = 0  # row 0 is isolated: its earlier thoughts are hidden
+            out = model.lm(inputs_embeds=embeds[:, : n + step + 1], attention_mask=mask,
+                           position_ids=positions[:, : n + step + 1], output_hidden_states=True)
+            last = torch.stack([h[:, -1] for h in out.hidden_states], dim=1)  # (B, S, d)
+            assert torch.allclose(loop.latent[step], last, atol=1e-5)
+            assert not torch.allclose(loop.latent[step][0], plain.latent[step][0], atol=1e-3)
+        assert torch.allclose(loop.latent[2][1], plain.latent[2][1], atol=1e-6)  # row 1 is CODI as it is
+        assert loop.mask[0, n:].tolist() == [0, 0, 1] and loop.mask[1, n:].tolist() == [1, 1, 1]
+
+
+def test_thought_isolation_decays_like_forcing_and_changes_only_the_student(cli: Cli, tmp_path: Path) -> None:
+    from ctexp.tinycodi.settings import TinyCodiSettings
+
+    settings = TinyCodiSettings(teacher_steps=100, stages=4, stage_steps=250, thought_isolation=0.5)
+    assert settings.isolation(100) == 0.5 and settings.isolation(475) == pytest.approx(0.25)
+    assert settings.isolation(850) == 0.0 and TinyCodiSettings().isolation(500) == 0.0
+    for name, isolation in (("plain", "0"), ("isolated", "1")):
+        cli("codi", "train", "--out", str(tmp_path / name), *TINY, "--stages", "3", "--thought-isolation", isolation)
+    summary = json.loads((tmp_path / "isolated" / "tinycodi.json").read_text())
+    assert summary["settings"]["thought_isolation"] == 1.0
+    for file, same in (("model.safetensors", False), ("direct/model.safetensors", True)):
+        plain, isolated = (load_file(str(tmp_path / name / file)) for name in ("plain", "isolated"))
+        assert all(torch.equal(plain[k], isolated[k]) for k in plain) is same
+
+
 def test_a_diverging_training_stops_both_processes_and_writes_nothing(cli: Cli, tmp_path: Path) -> None:
     result = cli("codi", "train", "--out", str(tmp_path / "m"), *TINY, "--lr", "1e9", code=11)
     assert "non-finite" in result.output and "lower --lr" in result.output
@@ -260,7 +310,7 @@ def test_the_direct_models_process_reports_its_error() -> None:
     from ctexp.tinycodi.settings import TinyCodiSettings
 
     settings = TinyCodiSettings(hidden=16, layers=1, heads=2, intermediate=32, batch_size=4, teacher_steps=2,
-                                stage_steps=2, stages=1, max_steps=2, lr=1e9, warmup=1)
+                                stage_steps=2, stages=1, min_steps=2, max_steps=2, lr=1e9, warmup=1)
     seen: list[object] = []
     with DirectInSubprocess(settings, set(), threads=1) as other, pytest.raises(TrainingDiverged, match="direct"):
         other.result(seen.append)
@@ -275,7 +325,7 @@ def test_a_direct_model_that_finishes_first_is_kept() -> None:
     from ctexp.tinycodi.train import Progress
 
     settings = TinyCodiSettings(hidden=16, layers=1, heads=2, intermediate=32, batch_size=4, teacher_steps=2,
-                                stage_steps=2, stages=1, max_steps=2, warmup=1)
+                                stage_steps=2, stages=1, min_steps=2, max_steps=2, warmup=1)
     seen: list[Progress] = []
     with DirectInSubprocess(settings, set(), threads=1) as other:
         relay = other.relay(seen.append)
@@ -349,3 +399,65 @@ def test_training_is_recorded_like_every_run(tiny: tuple[Cli, Path]) -> None:
     assert result["settings"]["latents"] == 3
     report = cli("report", run["id"], code=2)
     assert "ctexp codi eval --model" in report.output
+
+
+@pytest.mark.parametrize("n_steps", [1, 3, 4])
+def test_a_mod10v_problem_applies_its_operations_left_to_right(n_steps: int) -> None:
+    """The question is the start and then the operations, no spaces; each CoT step is one value."""
+    import random
+    import re
+
+    from ctexp.tinycodi.task import Task, apply, sample_problem
+
+    rng = random.Random(n_steps)
+    for _ in range(100):
+        problem = sample_problem(rng, n_steps, Task.MOD10V)
+        start, *operations = re.findall(r"^\d|[-+*]\d", problem.question)
+        assert "".join([start, *operations]) == problem.question and len(operations) == n_steps
+        values = list(itertools.accumulate(operations, apply, initial=int(start)))[1:]
+        assert problem.steps == [str(v) for v in values] and problem.answer == problem.steps[-1]
+
+
+def test_reembedding_compares_prj_of_each_cot_state_with_the_next_tokens_embedding() -> None:
+    """The batched loss equals the one computed problem by problem, unpadded, from bot (whose next token is eot)
+    to the last CoT token: 1 - cosine plus the squared log of the norms' ratio."""
+    from torch.nn import functional
+
+    from ctexp.model.codi import CodiModel
+    from ctexp.tinycodi.objective import continuation, teacher_loss
+    from ctexp.tinycodi.settings import TinyCodiSettings
+    from ctexp.tinycodi.task import Task, make_problem, sample_problem
+    from ctexp.tinycodi.train import new_model
+    from ctexp.tinycodi.vocab import question_ids
+
+    model: CodiModel = new_model(TinyCodiSettings(hidden=16, heads=2, intermediate=32, layers=2), seed=0)
+    model.lm.eval()
+    problems = [make_problem(2, ["*3", "-2", "+5"]), sample_problem(__import__("random").Random(0), 2, Task.MOD10V)]
+    terms = []
+    with torch.no_grad():
+        batched = teacher_loss(model, problems, reembed=True).reembedding
+        assert teacher_loss(model, problems).reembedding is None
+        for problem in problems:
+            prefix = [*question_ids(problem.question), model.bot_id, model.eot_id]
+            ids = torch.tensor([[*prefix, *continuation(problem, 0)]])
+            last = model.lm(input_ids=ids, output_hidden_states=True).hidden_states[-1][0]  # (m, d)
+            for t in range(len(prefix) - 2, ids.shape[1] - 1):
+                z = model.prj(last[t])
+                e = model.lm.get_input_embeddings().weight[ids[0, t + 1]]
+                terms.append(1 - functional.cosine_similarity(z, e, dim=0) + (z.norm() / e.norm()).log() ** 2)
+    assert batched is not None and torch.allclose(batched, torch.stack(terms).mean(), atol=1e-5)
+
+
+def test_reembedding_and_prj_gain_reach_the_checkpoint(cli: Cli, tmp_path: Path) -> None:
+    """Both models train with the same objective, so re-embedding changes both; prj's gain starts where asked."""
+    plain_codi = ("--reembed-weight", "0", "--prj-gain", "1")
+    for name, flags in (("plain", plain_codi), ("reembed", ("--reembed-weight", "1", "--prj-gain", "0.02"))):
+        cli("codi", "train", "--out", str(tmp_path / name), *TINY, "--task", "mod10v", *flags)
+    summary = json.loads((tmp_path / "reembed" / "tinycodi.json").read_text())
+    assert summary["settings"]["reembed_weight"] == 1.0 and summary["settings"]["prj_gain"] == 0.02
+    assert all(point["reembed"] > 0 for point in summary["latent"]["history"])
+    for file in ("model.safetensors", "direct/model.safetensors"):
+        plain, reembedded = (load_file(str(tmp_path / name / file)) for name in ("plain", "reembed"))
+        assert not all(torch.equal(plain[k], reembedded[k]) for k in plain)
+    gain = load_file(str(tmp_path / "reembed" / "model.safetensors"))["prj.ln.weight"]
+    assert gain.sub(0.02).abs().max() < 0.02  # a few steps of lr 1e-3 from 0.02 (nn.LayerNorm's init is 1)

@@ -31,7 +31,7 @@ from ctexp.tinycodi.settings import TinyCodiSettings
 from ctexp.tinycodi.train import Progress, Trained
 
 FIGURE_FILE = "tinycodi_losses.png"
-LOSSES = ("teacher", "student", "distill")
+LOSSES = ("teacher", "student", "distill", "reembed")
 
 
 def summary(result: TrainingResult) -> dict[str, Any]:

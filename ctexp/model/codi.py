@@ -257,11 +257,19 @@ class CodiModel:
             weights = self._attention(loop.ids, loop.mask, loop.positions, torch.cat(loop.inputs, dim=1))
         return Thoughts(hidden.cpu(), answers, weights)
 
-    def latents(self, prompts: list[list[int]], n_positions: int, patch: ThoughtPatch | None = None) -> LatentLoop:
+    def latents(
+        self, prompts: list[list[int]], n_positions: int, patch: ThoughtPatch | None = None,
+        isolated: torch.Tensor | None = None,
+    ) -> LatentLoop:
         """The question with bot, then ``n_positions`` latent steps: CODI's loop up to (not including) eot.
 
         Runs with gradients where the caller allows them, so that ``think`` (inference) and tiny-CODI's
         training (``ctexp.tinycodi``) share one loop.
+
+        Args:
+            isolated: (B,) bool, a training device: in these rows each latent step attends to the question,
+                bot and itself only, and what follows the loop sees only the last thought, so a value can
+                pass from one thought to the next only through the fed-back ``z``. None: CODI as it is.
         """
         ids, mask = _left_pad([[*p, self.bot_id] for p in prompts], self.pad_id, self.device)  # (B, n)
         # Per-row positions count real tokens only, so padding does not shift a row's positions.
@@ -276,6 +284,8 @@ class CodiModel:
                 z = patch.feedback(step - 1, z)
             inputs.append(z)  # after any patch: the attention pass sees what the loop fed
             mask, position = _grow(mask), position + 1
+            if isolated is not None and step > 0:
+                mask[isolated.to(mask.device), -2] = 0  # hide the previous thought (earlier ones already are)
             with patch.during(self.lm, step) if patch is not None else contextlib.nullcontext():
                 out = self._forward(
                     inputs_embeds=z, attention_mask=mask, position_ids=position, cache=cache, hidden=True

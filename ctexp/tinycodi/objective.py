@@ -12,6 +12,16 @@ Sequences (ids; ``bot`` and ``eot`` are CODI's special ids, after the vocabulary
   with ``a`` falling to 0 by the last stage: a start for the path that carries a value from one latent
   pass to the next, which plain CODI did not learn at this size (README has what forcing measured: it
   learned the path while forced, and lost it as the weight fell). Evaluation and extraction never force.
+* thought isolation (optional, ours): in a fraction of the batch, falling to 0 by the last stage, each
+  latent step attends only to the question, bot and itself, and ``eot`` onwards only to the last
+  thought, so a value can reach the answer only through the fed-back thoughts (``CodiModel.latents``);
+  plain CODI also lets a thought read the earlier thoughts' states by attention. Evaluation and
+  extraction never isolate.
+* re-embedding (optional, ours): prj learns, on the teacher's own pass, to map the last hidden state at
+  bot and at every CoT position to the input embedding of the token that follows (1 - cosine, plus the
+  squared log of their norms' ratio), so a latent loop whose thoughts stand one for one for CoT tokens
+  starts as a soft copy of the teacher's greedy CoT. Without it prj learns only through the answer, and at
+  this size a value never passed from one latent to the next through it (README, ``ctexp codi``).
 * distillation (optional, as in CODI): L1 between the student's and the (detached) teacher's hidden
   states at the token that predicts the answer's first token, every layer, each scaled by the teacher
   layer's standard deviation.
@@ -43,6 +53,7 @@ class Losses:
     teacher: float
     student: float
     distill: float
+    reembed: float = 0.0
 
 
 def continuation(problem: TaskProblem, replaced: int) -> list[int]:
@@ -121,8 +132,17 @@ def _answer_index(suffix: list[int], problem: TaskProblem) -> int:
     return len(suffix) - 2 - len(encode(problem.answer))  # suffix ends: (" " or eot), answer digits, EOS
 
 
-def teacher_loss(model: CodiModel, problems: list[TaskProblem]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """Teacher CE, the teacher's hidden states at the answer-predicting token (S, B, d) and their indices."""
+@dataclass(frozen=True)
+class TeacherPass:
+    """The teacher's CE, its hidden states at the answer-predicting token (S, B, d), and the re-embedding loss."""
+
+    loss: torch.Tensor
+    states: torch.Tensor
+    reembedding: torch.Tensor | None
+
+
+def teacher_loss(model: CodiModel, problems: list[TaskProblem], reembed: bool = False) -> TeacherPass:
+    """The teacher's pass over explicit CoT; with ``reembed`` also prj's re-embedding loss on it."""
     prefixes = [[*question_ids(p.question), model.bot_id, model.eot_id] for p in problems]
     rows = [[*prefix, *continuation(p, 0)] for prefix, p in zip(prefixes, problems, strict=True)]
     ids, mask = _right_pad(rows, model.pad_id)  # (B, m)
@@ -133,23 +153,47 @@ def teacher_loss(model: CodiModel, problems: list[TaskProblem]) -> tuple[torch.T
           for prefix, p in zip(prefixes, problems, strict=True)]
     rows_index = torch.arange(len(problems))
     states = torch.stack([h[rows_index, at] for h in out.hidden_states])  # (S, B, d)
-    return loss, states, at
+    following = None
+    if reembed:
+        following = labels.clone()  # (B, m-1): the token after each scored position...
+        following[rows_index, torch.tensor([len(prefix) - 2 for prefix in prefixes])] = model.eot_id  # ...and bot's
+    return TeacherPass(loss, states, None if following is None else reembedding(model, out.hidden_states[-1], following))
+
+
+def reembedding(model: CodiModel, last: torch.Tensor, following: torch.Tensor) -> torch.Tensor:
+    """How far ``prj(h_t)`` is from the input embedding of the token after ``t``, where ``following`` is not IGNORE.
+
+    ``last`` (B, m, d) is the last hidden state and ``following`` (B, m-1) the next token of each position. The
+    loss is ``1 - cosine`` plus the squared log of the norms' ratio: direction and scale, neither dominating
+    (a plain squared error is ruled by the scale while prj's LayerNorm gain is far from the embeddings').
+    The embeddings are detached: targets for prj, not something to pull towards prj's outputs.
+    """
+    keep = following != IGNORE  # (B, m-1)
+    z = model.prj(last[:, :-1][keep])  # (K, d)
+    target = model.lm.get_input_embeddings().weight.detach()[following[keep]]  # (K, d)
+    direction = 1 - functional.cosine_similarity(z, target, dim=-1)
+    scale = (z.norm(dim=-1).clamp(min=1e-6) / target.norm(dim=-1).clamp(min=1e-6)).log().square()
+    return (direction + scale).mean()
 
 
 def student_loss(
     model: CodiModel, problems: list[TaskProblem], replaced: int, latents: int, with_states: bool,
-    forcing: float = 0.0,
+    forcing: float = 0.0, isolation: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Student CE after ``latents`` latent steps that stand for the first ``replaced`` CoT steps.
 
     Args:
         forcing: Weight of each step's value in the thoughts fed back (``value_forcing``); 0 is plain CODI.
+        isolation: Fraction of the problems (the batch's first rows) whose thoughts are isolated
+            (``CodiModel.latents``); 0 is plain CODI.
 
     Returns:
         The CE, and with ``with_states`` the student's hidden states at the answer-predicting token (S, B, d).
     """
     patch = value_forcing(model, problems, replaced, latents, forcing)
-    loop = model.latents([question_ids(p.question) for p in problems], latents, patch)
+    isolated = torch.arange(len(problems)) < round(isolation * len(problems))  # (B,)
+    loop = model.latents([question_ids(p.question) for p in problems], latents, patch,
+                         isolated if bool(isolated.any()) else None)
     suffixes = [[model.eot_id, *continuation(p, replaced)] for p in problems]
     ids, mask = _right_pad(suffixes, model.pad_id)  # (B, m)
     out = model.feed(model.lm.get_input_embeddings()(ids), loop, hidden=with_states)
@@ -171,19 +215,24 @@ def distillation(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 
 def batch_losses(
     model: CodiModel, problems: list[TaskProblem], replaced: int, latents: int, teacher_weight: float,
-    distill_weight: float, student: bool, forcing: float = 0.0,
+    distill_weight: float, student: bool, forcing: float = 0.0, isolation: float = 0.0, reembed_weight: float = 0.0,
 ) -> Losses:
-    """The step's losses: teacher CE, and (after the teacher-only steps) student CE and distillation."""
-    teacher, teacher_states, _ = teacher_loss(model, problems)
+    """The step's losses: teacher CE and re-embedding, and (after the teacher-only steps) student CE and distillation."""
+    teacher_pass = teacher_loss(model, problems, reembed=reembed_weight > 0)
+    teacher, teacher_states = teacher_pass.loss, teacher_pass.states
     total = teacher_weight * teacher
+    reembed_value = 0.0
+    if teacher_pass.reembedding is not None:
+        total = total + reembed_weight * teacher_pass.reembedding
+        reembed_value = float(teacher_pass.reembedding.detach())
     student_value = distill_value = 0.0
     if student:
         wants_states = distill_weight > 0
-        loss, states = student_loss(model, problems, replaced, latents, wants_states, forcing)
+        loss, states = student_loss(model, problems, replaced, latents, wants_states, forcing, isolation)
         total = total + loss
         student_value = float(loss.detach())
         if states is not None:
             distill = distillation(states, teacher_states)
             total = total + distill_weight * distill
             distill_value = float(distill.detach())
-    return Losses(total, float(teacher.detach()), student_value, distill_value)
+    return Losses(total, float(teacher.detach()), student_value, distill_value, reembed_value)

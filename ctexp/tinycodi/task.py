@@ -11,6 +11,12 @@ minus 7), so that the first thing the model must compute is at the end of the qu
 answer cannot be read off the question's left end. The CoT steps are the intermediate values as
 equations (``2*3=6 6-2=4 4-8=6 6-7=9``, arithmetic mod 10) and the answer is the last value.
 
+``mod10v``: the same chains written so that latents can stand one for one for CoT tokens: the start
+value and then the operations in the order they apply, without spaces (``2*3-2-8-7``: left to right, mod
+10), and CoT steps that are the values alone (``6 4 6 9``). Every step reads its operation at the same
+distance back from the token that computes it (for a given number of steps), and each step is two CoT
+tokens, its value and a space: two latents a step.
+
 ``hops``: pointer chasing along a chain of ``CHAIN`` distinct digits stated as shuffled facts (``5=2``:
 5 points to 2). The question lists the facts, then a start node; each CoT step is one hop (``3=7``)
 and the answer is the node ``k`` hops on. Each hop is a lookup by content (the fact whose left side is
@@ -33,6 +39,7 @@ from ctexp.records import FrozenRecord
 
 class Task(StrEnum):
     MOD10R = "mod10r"
+    MOD10V = "mod10v"
     HOPS = "hops"
 
 
@@ -91,6 +98,14 @@ def sample_mod10r(rng: random.Random, n_steps: int) -> TaskProblem:
     return make_problem(rng.randrange(MODULUS), [rng.choice(OPERATIONS) for _ in range(n_steps)])
 
 
+def sample_mod10v(rng: random.Random, n_steps: int) -> TaskProblem:
+    """A uniformly drawn mod10v problem of ``n_steps`` operations: the values are its CoT steps."""
+    start = rng.randrange(MODULUS)
+    operations = [rng.choice(OPERATIONS) for _ in range(n_steps)]
+    values = [str(value) for value in itertools.accumulate(operations, apply, initial=start)][1:]
+    return TaskProblem(question=str(start) + "".join(operations), steps=values, answer=values[-1])
+
+
 def sample_hops(rng: random.Random, n_steps: int) -> TaskProblem:
     """A hops problem: a random chain of ``CHAIN`` digits, its facts shuffled, a start ``n_steps`` before its end or earlier."""
     if not 1 <= n_steps < CHAIN:
@@ -104,11 +119,13 @@ def sample_hops(rng: random.Random, n_steps: int) -> TaskProblem:
     return TaskProblem(question=" ".join([*facts, str(path[0])]), steps=steps, answer=str(path[-1]))
 
 
-SAMPLERS: dict[Task, Callable[[random.Random, int], TaskProblem]] = {Task.MOD10R: sample_mod10r, Task.HOPS: sample_hops}
+SAMPLERS: dict[Task, Callable[[random.Random, int], TaskProblem]] = {
+    Task.MOD10R: sample_mod10r, Task.MOD10V: sample_mod10v, Task.HOPS: sample_hops,
+}
 
 
-def mod10r_questions(n_steps: int) -> int:
-    """Distinct mod10r questions of ``n_steps`` steps: a start value and an operation per step."""
+def mod10_questions(n_steps: int) -> int:
+    """Distinct mod10r or mod10v questions of ``n_steps`` steps: a start value and an operation per step."""
     return MODULUS * len(OPERATIONS) ** n_steps
 
 
@@ -117,7 +134,9 @@ def hops_questions(n_steps: int) -> int:
     return math.perm(MODULUS, CHAIN) * math.factorial(CHAIN - 1) * (CHAIN - n_steps)
 
 
-QUESTION_COUNTS: dict[Task, Callable[[int], int]] = {Task.MOD10R: mod10r_questions, Task.HOPS: hops_questions}
+QUESTION_COUNTS: dict[Task, Callable[[int], int]] = {
+    Task.MOD10R: mod10_questions, Task.MOD10V: mod10_questions, Task.HOPS: hops_questions,
+}
 
 
 def distinct_questions(task: Task, n_steps: int) -> int:

@@ -41,6 +41,7 @@ class Progress:
     teacher: float
     student: float
     distill: float
+    reembed: float = 0.0
 
 
 @dataclass
@@ -79,6 +80,9 @@ def new_model(settings: TinyCodiSettings, seed: int) -> CodiModel:
     lm = LlamaForCausalLM(model_config(settings, VOCAB + N_SPECIAL))
     lm.config._attn_implementation = "sdpa"
     prj = Projection(settings.hidden, settings.hidden, layer_norm=True)
+    if prj.ln is not None:
+        with torch.no_grad():
+            prj.ln.weight.fill_(settings.prj_gain)
     return CodiModel(lm.train(), prj.train(), VOCAB, frozenset({EOS_ID}))
 
 
@@ -113,7 +117,7 @@ def train_model(
         losses = batch_losses(
             model, training_problems(rng, settings, held), settings.replaced(stage),
             settings.latents_at(stage, latents), settings.teacher_weight, settings.distill_weight, student=stage > 0,
-            forcing=settings.forcing(step),
+            forcing=settings.forcing(step), isolation=settings.isolation(step), reembed_weight=settings.reembed_weight,
         )
         if not math.isfinite(float(losses.total.detach())):
             raise TrainingDiverged(f"the {name} model's loss went non-finite at step {step}; lower --lr")
@@ -123,10 +127,10 @@ def train_model(
         optimiser.step()
         if step % LOG_EVERY == 0 or step == settings.total_steps - 1:
             trained.history.append({"step": step, "stage": stage, "teacher": losses.teacher,
-                                    "student": losses.student, "distill": losses.distill})
+                                    "student": losses.student, "distill": losses.distill, "reembed": losses.reembed})
         if progress is not None:
             progress(Progress(name, step + 1, settings.total_steps, stage, losses.teacher, losses.student,
-                              losses.distill))
+                              losses.distill, losses.reembed))
     trained.seconds = time.perf_counter() - started
     model.lm.eval().requires_grad_(False)
     model.prj.eval().requires_grad_(False)

@@ -121,6 +121,8 @@ def _progress_bar(total: int, transient: bool) -> tuple[Any, Any]:
         status = f"stage {step.stage}  teacher {step.teacher:.3f}  student {step.student:.3f}"
         if step.distill:
             status += f"  distill {step.distill:.3f}"
+        if step.reembed:
+            status += f"  reembed {step.reembed:.3f}"
         progress.update(tasks[step.model], completed=step.step, status=status)
 
     return progress, update
