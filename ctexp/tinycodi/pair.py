@@ -145,6 +145,10 @@ def train_pair(
     if parallel_threads is None:
         latent = train_model(settings, settings.latents, held, "latent", progress)
         return latent, train_model(settings, 0, held, "direct", progress)
+    # Build a model once before the child starts, so that the parent's imports (transformers' model
+    # stack, over a thousand modules) are done by then: a Ctrl-C that lands inside a C extension's
+    # import surfaces as an ImportError instead of KeyboardInterrupt.
+    new_model(settings, settings.seed)
     with DirectInSubprocess(settings, held, parallel_threads) as other:
         latent = train_model(settings, settings.latents, held, "latent", other.relay(progress))
         return latent, other.result(progress)
