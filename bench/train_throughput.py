@@ -8,11 +8,13 @@ throughput does not depend on the values. In one process and one run it measures
       on batches from ``ctexp.lens.train.batches`` (slices of blocks gathered by index; all translators
       in one batched product; loss and its gradient computed with the logits, in chunks; lens
       gradients without autograd; ``ctexp.lens.update.LensUpdate`` for clipping and AdamW, ``--update``:
-      auto is dense gradients + fused AdamW on CPU, the compiled one-pass update on CUDA; on CUDA the
-      step replayed as a CUDA graph, ``--graph``), in the dtype and with the CPU threads ``train_lens``
-      would use (``--precision auto``; ``OMP_NUM_THREADS`` sets the threads);
+      auto on CPU forms a large lens's gradients block by block into torch's fused AdamW (tiled), on
+      CUDA runs the compiled one-pass update; on CUDA the step replayed as a CUDA graph, ``--graph``),
+      in the dtype and with the CPU threads ``train_lens`` would use (``--precision auto``;
+      ``OMP_NUM_THREADS`` sets the threads);
   (b) floor: the unembedding products alone at the same batch and dtype, the logits
-      ``[rows, d] @ [d, V]`` and the gradient back to the input ``[rows, V] @ [V, d]``;
+      ``[rows, d] @ [d, V]`` and the gradient back to the input ``[rows, V] @ [V, d]``, each in the
+      fastest of the layouts tried (the unembedding as stored or transposed), into reused outputs;
   (c) reference: the straightforward version: one ``nn.Linear`` per layer called in a Python loop,
       a ``DataLoader`` over per-sample items, full float32 logits per layer and ``F.cross_entropy``,
       ``torch.optim.AdamW`` with its defaults, ``clip_grad_norm_``, ``float(loss)`` every step;
@@ -64,7 +66,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=None, help="samples timed per measurement (default: ~1 min)")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
     parser.add_argument("--update", choices=UPDATE_MODES, default="auto",
-                        help="(a)'s optimiser mode (ctexp.lens.update; auto: compiled on CUDA, dense on CPU)")
+                        help="(a)'s optimiser mode (ctexp.lens.update; auto: compiled on CUDA; on CPU tiled for large lenses, dense for small)")
     parser.add_argument("--graph", choices=GRAPH_MODES, default="auto",
                         help="(a) and --full replay a CUDA graph (ctexp.lens.graph; auto: on CUDA)")
     parser.add_argument("--reference-steps", type=int, default=None, help="steps of (c) to time (default: 4)")
@@ -100,17 +102,17 @@ def _measure(args: argparse.Namespace, device: torch.device, head: Head, dtype: 
     print(f"shape: hidden {hidden}, vocab {vocab:,}, {layers} layers, {POSITIONS} positions, layer lens")
     print(f"batch: {args.batch_size} states/step -> {per_step} samples x {layers} layers = {rows} rows; "
           f"device {device}, threads {torch.get_num_threads()}, products in {str(dtype).removeprefix('torch.')}, "
-          f"update {resolve_update_mode(args.update, device)}, graph {resolve_graph_mode(args.graph, device)}")
+          f"update {resolve_update_mode(args.update, device, layers * hidden * (hidden + 1))}, graph {resolve_graph_mode(args.graph, device)}")
 
     steps = max(1, len(data) // per_step - 2)
     a_time = _step_time(head, data, args, per_step, steps, device)  # (a) ctexp's step
     a_rate = rows / a_time
     print(f"(a) ctexp step:     {a_time * 1e3:9.1f} ms/step  {a_rate:10.1f} states/s  "
           f"{2 * gemm / a_time / 1e9:7.1f} GFLOP/s (unembedding products only)")
-    b_time = _floor_time(head, dtype, rows, steps, device)  # (b) the floor
+    b_time, layouts = _floor_time(head, dtype, rows, steps, device)  # (b) the floor
     b_rate = rows / b_time
     print(f"(b) floor products: {b_time * 1e3:9.1f} ms/step  {b_rate:10.1f} states/s  "
-          f"{2 * gemm / b_time / 1e9:7.1f} GFLOP/s")
+          f"{2 * gemm / b_time / 1e9:7.1f} GFLOP/s (fastest layouts: {layouts})")
 
     # (c) the straightforward reference.
     ref_steps = args.reference_steps or (4 if device.type == "cpu" else 20)
@@ -142,17 +144,35 @@ def _step_time(head: Head, data: SplitTensors, args: argparse.Namespace, per_ste
     return _median_time(lambda i: step(*full[i % len(full)]), steps, device)
 
 
-def _floor_time(head: Head, dtype: torch.dtype, rows: int, steps: int, device: torch.device) -> float:
-    """(b): the two unembedding products alone, same rows and dtype: logits, and gradient to the input."""
-    unembed = head.unembed_as(dtype)
-    x = torch.randn(rows, unembed.shape[1], device=device).to(dtype)
-    g = torch.randn(rows, unembed.shape[0], device=device).to(dtype)
+def _floor_time(head: Head, dtype: torch.dtype, rows: int, steps: int, device: torch.device) -> tuple[float, str]:
+    """(b): the two unembedding products alone, same rows and dtype: logits, and gradient to the input.
 
-    def products(_: int) -> None:
-        torch.mm(x, unembed.t())
-        torch.mm(g, unembed)
-
-    return _median_time(products, steps, device)
+    Each product in the fastest of the layouts tried (the unembedding as stored, (V, d), or transposed
+    and contiguous, (d, V); the product or its transpose), into outputs allocated once: the floor is
+    what the products themselves cost, so a step that found a faster layout cannot beat it. Returns
+    the time and the layouts that won.
+    """
+    unembed, unembed_t = head.unembed_as(dtype), head.unembed_as(dtype, transposed=True)
+    vocab, hidden = unembed.shape
+    x = torch.randn(rows, hidden, device=device).to(dtype)
+    g = torch.randn(rows, vocab, device=device).to(dtype)
+    logits = torch.empty(rows, vocab, dtype=dtype, device=device)
+    grad, grad_t = (torch.empty(shape, dtype=dtype, device=device) for shape in ((rows, hidden), (hidden, rows)))
+    logit_layouts = {
+        "x @ U^T": lambda _: torch.mm(x, unembed.t(), out=logits),
+        "x @ (U^T)": lambda _: torch.mm(x, unembed_t, out=logits),
+    }
+    grad_layouts = {
+        "g @ U": lambda _: torch.mm(g, unembed, out=grad),
+        "(U^T @ g^T)^T": lambda _: torch.mm(unembed_t, g.t(), out=grad_t),
+        "g @ (U^T)^T": lambda _: torch.mm(g, unembed_t.t(), out=grad),
+    }
+    seconds, names = 0.0, []
+    for layouts in (logit_layouts, grad_layouts):
+        times = {name: _median_time(run, steps, device) for name, run in layouts.items()}
+        best = min(times, key=times.__getitem__)
+        seconds, names = seconds + times[best], [*names, best]
+    return seconds, ", ".join(names)
 
 
 def optimizer_bytes(layers: int, hidden: int) -> int:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ctexp.data.store import NormSpec, Store
+from ctexp.lens.scratch import Scratch
 
 
 class Head(nn.Module):
@@ -78,20 +79,25 @@ class Head(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.normalize(h) @ self.unembed.T  # (B, L, V)
 
-    def unembed_as(self, dtype: torch.dtype) -> torch.Tensor:
-        """The unembedding in ``dtype`` (V, d), converted once and cached, not once per step.
+    def unembed_as(self, dtype: torch.dtype, transposed: bool = False) -> torch.Tensor:
+        """The unembedding in ``dtype``, (V, d), or contiguous (d, V) with ``transposed``; cached.
 
-        The cache follows the buffer: a new device, a new tensor or an in-place change converts again.
+        Converted once, not once per step. ``transposed`` serves the gradient product
+        ``dlogits @ unembed`` computed as ``(unembed^T @ dlogits^T)^T``: measured 3x faster on CPU in
+        bf16 (32 rows, reference shape, AMD Zen 4: 22 ms against 67 ms) and faster in fp32 too. The
+        cache follows the buffer: a new device, a new tensor or an in-place change converts again.
         """
-        if dtype == self.unembed.dtype:
+        if dtype == self.unembed.dtype and not transposed:
             return self.unembed
-        key = (dtype, self.unembed.device, self.unembed.data_ptr(), self.unembed._version)
-        cached = self.__dict__.get("_unembed_cast")
+        key = (dtype, transposed, self.unembed.device, self.unembed.data_ptr(), self.unembed._version)
+        slot = "_unembed_cast_t" if transposed else "_unembed_cast"
+        cached = self.__dict__.get(slot)
         if cached is None or cached[0] != key:
-            cached = (key, self.unembed.detach().to(dtype).contiguous())
-            self.__dict__["_unembed_cast"] = cached
+            source = self.unembed.detach()
+            cached = (key, (source.t() if transposed else source).to(dtype).contiguous())
+            self.__dict__[slot] = None  # the old copy goes before the new one is made
+            self.__dict__[slot] = cached
         return cached[1]
-
 
 
 LOSS_CHUNK_ELEMENTS = 1 << 24  # at most this many [rows, vocab] logits at once in ``head_loss_and_grad`` (64 MiB fp32)
@@ -132,6 +138,7 @@ def head_loss_and_grad(
     mean: bool = False,
     need_grad: bool = True,
     chunk_elements: int = LOSS_CHUNK_ELEMENTS,
+    scratch: Scratch | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Cross-entropy of translated states through the frozen head, and its gradient, in chunks.
 
@@ -151,23 +158,27 @@ def head_loss_and_grad(
         dtype: of the unembedding products: float32, or bfloat16 for speed; the softmax is float32.
         mean: return the mean over states (and its gradient) instead of per-state losses.
         need_grad: compute the gradient (else the second value is None).
+        scratch: where the large temporaries live between calls (a training step passes its own);
+            a fresh one when not given.
 
     Returns:
         loss, (B, L) or a scalar, float32; and d(loss.sum())/dh (B, L, d), float32, or None.
     """
     prepared = targets if isinstance(targets, LossTargets) else LossTargets.of(targets)
-    unembed = head.unembed_as(dtype)
+    scratch = scratch if scratch is not None else Scratch()
     if torch.is_grad_enabled():
         with torch.no_grad():
-            return _head_loss_and_grad(h, head, unembed, prepared, dtype, mean, need_grad, chunk_elements)
-    return _head_loss_and_grad(h, head, unembed, prepared, dtype, mean, need_grad, chunk_elements)
+            return _head_loss_and_grad(h, head, prepared, dtype, mean, need_grad, chunk_elements, scratch)
+    return _head_loss_and_grad(h, head, prepared, dtype, mean, need_grad, chunk_elements, scratch)
 
 
 def _head_loss_and_grad(
-    h: torch.Tensor, head: Head, unembed: torch.Tensor, prepared: LossTargets, dtype: torch.dtype, mean: bool,
-    need_grad: bool, chunk_elements: int,
+    h: torch.Tensor, head: Head, prepared: LossTargets, dtype: torch.dtype, mean: bool, need_grad: bool,
+    chunk_elements: int, scratch: Scratch,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``head_loss_and_grad`` with autograd off."""
+    unembed = head.unembed_as(dtype)  # (V, d): the logits product
+    unembed_t = head.unembed_as(dtype, transposed=True) if need_grad else None  # (d, V): the gradient product
     batch, n_layers, hidden = h.shape
     chunk = max(1, chunk_elements // max(1, n_layers * unembed.shape[0]))
     x, saved = head.normalize_saving(h)
@@ -181,27 +192,28 @@ def _head_loss_and_grad(
         n, whole = end - start, end - start == batch  # one chunk (the usual case): no slicing at all
         part = slice(start * n_layers, end * n_layers)
         chunk_rows = rows if whole else rows[part]
-        logits = torch.mm(chunk_rows if dtype == chunk_rows.dtype else chunk_rows.to(dtype), unembed.t())
+        shape, device = (n * n_layers, unembed.shape[0]), h.device
+        logits = torch.mm(chunk_rows if dtype == chunk_rows.dtype else chunk_rows.to(dtype), unembed.t(),
+                          out=scratch.take("logits", shape, dtype, device))
         idx, w = (index, weight) if whole else (index[start:end], weight[start:end])  # (n, L, K)
         picked = logits.view(n, n_layers, -1).gather(2, idx).float()  # the targets' logits
-        # Softmax in float32 by hand, in place where it can be: exp(x - max), its sum, and the loss as
-        # logsumexp - logit; one pass fewer than log_softmax then softmax (and the bf16 -> fp32 cast
-        # rides on the subtraction).
+        # Softmax in float32 by hand, in place: exp(x - max), its sum, and the loss as logsumexp - logit;
+        # one pass fewer than log_softmax then softmax. bf16 logits are cast first: a subtraction that
+        # promotes bf16 - fp32 as it goes ran 30x slower than the cast and an in-place subtraction.
         top = logits.amax(-1, keepdim=True).float()
-        probs = (logits.sub_(top) if logits.dtype == torch.float32 else torch.sub(logits, top)).exp_()
-        del logits
+        probs = logits if dtype == torch.float32 else scratch.take("probs", shape, torch.float32, device).copy_(logits)
+        probs.sub_(top).exp_()
         total = probs.sum(-1, keepdim=True)
         lse = (top + total.log()).view(n, n_layers, 1)
         torch.sum((lse - picked) * w, dim=-1, out=loss if whole else loss[start:end])
         if need_grad:
             dlogits = probs.div_(total).view(n, n_layers, -1)
-            dlogits = dlogits.scatter_add_(2, idx, w.neg()).view(n * n_layers, -1)  # softmax - targets
-            out = grad if whole else grad[part]
-            if dtype == torch.float32:
-                torch.mm(dlogits, unembed, out=out)
-            else:
-                out.copy_(torch.mm(dlogits.to(dtype), unembed))
-            del dlogits
+            dlogits = dlogits.scatter_add_(2, idx, w.neg()).view(shape)  # softmax - targets
+            if dtype != torch.float32:
+                dlogits = scratch.take("logits", shape, dtype, device).copy_(dlogits)  # the logits are spent
+            # dlogits @ unembed, as (unembed^T @ dlogits^T)^T (see Head.unembed_as)
+            grad_t = torch.mm(unembed_t, dlogits.t(), out=scratch.take("grad_t", (hidden, shape[0]), dtype, device))
+            (grad if whole else grad[part]).copy_(grad_t.t())
     if need_grad:
         grad = grad.view(batch, n_layers, hidden)
         if prepared.has_target is not None:

@@ -10,8 +10,10 @@ blocks gathered by index from the split resident on the device (``batches``), th
 its translators in one batched product, the loss against the frozen head and its gradient come from
 ``head.head_loss_and_grad`` (chunked; the two unembedding products per step are the only large
 ones), and ``ctexp.lens.update.LensUpdate`` turns the gradient at the lens output into parameter
-updates: clipping, weight decay and AdamW (dense gradients and torch's fused AdamW on CPU; on CUDA one
-compiled pass that forms each translator's gradient from its thin factors where it is used). The unembedding products run in bfloat16 where
+updates: clipping, weight decay and AdamW (on CPU torch's fused AdamW, over dense gradients for
+small lenses and over gradient blocks formed in cache for large ones; on CUDA one compiled pass that
+forms each translator's gradient from its thin factors where it is used). The loss's large
+temporaries live in a ``Scratch`` the step keeps. The unembedding products run in bfloat16 where
 that is faster (``resolve_dtype``: CUDA; CPUs with native bf16 and a large head) with float32
 softmax; translators, norm, master weights and optimizer stay float32. Nothing in a step waits for
 the device: the epoch's training loss is summed on the device and read once per epoch. Top-k is
@@ -32,7 +34,7 @@ import torch
 from ctexp.config import TrainConfig
 from ctexp.errors import TrainingDiverged
 from ctexp.lens.graph import GraphedStep, resolve_graph_mode
-from ctexp.lens.head import Head, LossTargets, head_loss_and_grad, scores
+from ctexp.lens.head import Head, LossTargets, Scratch, head_loss_and_grad, scores
 from ctexp.lens.kinds import Lens
 from ctexp.lens.metrics import EpochMetrics
 from ctexp.lens.update import FusedAdamW, LensUpdate
@@ -127,6 +129,7 @@ class TrainStep:
         self.lens, self.head = lens, head
         self.dtype = resolve_dtype(precision, data.states.device, head)
         self.update = LensUpdate(lens, config, update)
+        self.scratch = Scratch()  # the loss's large temporaries, allocated once (see Scratch)
         if graph == "auto" and not lens.has_fast_backward():
             graph = "off"  # autograd's graph in a captured step: possible, but nothing here has tried it
         graph = resolve_graph_mode(graph, data.states.device)
@@ -142,7 +145,7 @@ class TrainStep:
         """The step as it is, op by op."""
         with torch.no_grad():
             h = self.lens(states, position)
-            loss, grad = head_loss_and_grad(h, self.head, targets, self.dtype, mean=True)
+            loss, grad = head_loss_and_grad(h, self.head, targets, self.dtype, mean=True, scratch=self.scratch)
             self.update(states, position, grad)
         return loss
 
