@@ -18,6 +18,7 @@ import torch
 
 from ctexp.config import AdapterKind, LensKind, TrainConfig
 from ctexp.data.store import NormSpec, Store, StoreMeta
+from ctexp.lens import head as head_module
 from ctexp.lens import train
 from ctexp.lens import update as update_module
 from ctexp.lens.head import Head, LossTargets, head_cross_entropy, head_loss_and_grad, scores
@@ -252,22 +253,26 @@ def test_fused_adamw_is_clip_then_torch_adamw():
         torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
 
 
-# compiled: once per kind (each compiles for its shapes), at the size where the factors have the most rows
+# compiled: once per kind (each compiles for its shapes), at the size where the factors have the most rows.
+# large: the head takes its large-head path (scratch memory, the gradient product on the transposed
+# unembedding), as the reference's does; else the small-head path, as the default world's does.
 MODE_CASES = [
-    (kind, adapter, mode, samples)
+    (kind, adapter, mode, samples, large)
     for kind, adapter in TRAINED
     for mode in ("dense", "plain", "compiled", "tiled")
-    for samples in ([2, B] if mode != "compiled" else [B])
+    for samples, large in ([(2, False), (B, True)] if mode != "compiled" else [(B, True)])
 ]
 
 
-@pytest.mark.parametrize(("kind", "adapter", "mode", "samples"), MODE_CASES,
-                         ids=[f"{k}-{a.value}-{m}-{n}" for k, a, m, n in MODE_CASES])
-def test_train_step_matches_plain_step(monkeypatch, kind, adapter, mode, samples):
+@pytest.mark.parametrize(("kind", "adapter", "mode", "samples", "large"), MODE_CASES,
+                         ids=[f"{k}-{a.value}-{m}-{n}{'-large' if big else ''}" for k, a, m, n, big in MODE_CASES])
+def test_train_step_matches_plain_step(monkeypatch, kind, adapter, mode, samples, large):
     """Full steps (loss, gradients, clipping, AdamW) in each update mode against the plain one (autograd, torch's AdamW)."""
     from ctexp.lens import kinds as lens_module
 
     monkeypatch.setattr(lens_module, "GRAM_NORM_MIN_ELEMENTS", 0)  # the clipping norm from the factors, too
+    if large:
+        monkeypatch.setattr(head_module, "LARGE_HEAD_ELEMENTS", 0)
     monkeypatch.setattr(update_module, "TILE_BYTES", 3 * D * 4)  # tiled: blocks of 3 rows of one translator or fewer
     head = make_head()
     fast, plain = make_lens(kind, adapter), make_lens(kind, adapter)
@@ -309,8 +314,9 @@ def test_tiled_update_needs_the_fused_kernel(monkeypatch):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=0.05 * config.lr)
 
 
-def test_loss_scratch_is_reused_across_batch_sizes():
-    """One ``Scratch`` across calls of growing and shrinking batches (and chunks): the same loss and gradient as fresh memory."""
+def test_large_head_path_reuses_its_scratch_and_matches_the_small_one(monkeypatch):
+    """The large-head path (one ``Scratch`` across calls of growing and shrinking batches and chunks, the
+    gradient product on the transposed unembedding) computes what the small-head path does."""
     head, lens = make_head(), make_lens(LensKind.LAYER, AdapterKind.NONE)
     scratch = Scratch()
     for samples, chunk in [(2, None), (B, None), (3, None), (B, L * V * 2)]:
@@ -318,10 +324,13 @@ def test_loss_scratch_is_reused_across_batch_sizes():
         extra = {} if chunk is None else {"chunk_elements": chunk}
         with torch.no_grad():
             h = lens(states, position)
-            for dtype in (torch.float32, torch.bfloat16):
+            for dtype, tolerance in ((torch.float32, 1e-6), (torch.bfloat16, 2e-2)):
+                monkeypatch.setattr(head_module, "LARGE_HEAD_ELEMENTS", head.unembed.numel() + 1)
                 want = head_loss_and_grad(h, head, targets, dtype, mean=True, **extra)
+                monkeypatch.setattr(head_module, "LARGE_HEAD_ELEMENTS", 0)
                 got = head_loss_and_grad(h, head, targets, dtype, mean=True, scratch=scratch, **extra)
-                torch.testing.assert_close(got, want, rtol=0, atol=0)
+                torch.testing.assert_close(got[0], want[0], rtol=tolerance, atol=tolerance)
+                assert_grads_close([got[1]], [want[1]], tolerance)
     assert head.unembed_as(torch.float32, transposed=True).is_contiguous()
     torch.testing.assert_close(head.unembed_as(torch.bfloat16, transposed=True), head.unembed.t().bfloat16())
 

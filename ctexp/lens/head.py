@@ -100,7 +100,12 @@ class Head(nn.Module):
         return cached[1]
 
 
-LOSS_CHUNK_ELEMENTS = 1 << 24  # at most this many [rows, vocab] logits at once in ``head_loss_and_grad`` (64 MiB fp32)
+LOSS_CHUNK_ELEMENTS = 1 << 24
+# From this many head elements (hidden x vocab) on, the loss keeps its temporaries in the step's
+# ``Scratch`` and runs the gradient product on the transposed unembedding. Below, fresh small tensors
+# and the direct product cost less: the default world's head (64 x 1,586) took 243 us a call that way
+# against 310-340 us through the scratch and the transposed product.
+LARGE_HEAD_ELEMENTS = 1 << 20  # at most this many [rows, vocab] logits at once in ``head_loss_and_grad`` (64 MiB fp32)
 
 
 @dataclass(frozen=True)
@@ -178,7 +183,8 @@ def _head_loss_and_grad(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``head_loss_and_grad`` with autograd off."""
     unembed = head.unembed_as(dtype)  # (V, d): the logits product
-    unembed_t = head.unembed_as(dtype, transposed=True) if need_grad else None  # (d, V): the gradient product
+    large = unembed.numel() >= LARGE_HEAD_ELEMENTS
+    unembed_t = head.unembed_as(dtype, transposed=True) if need_grad and large else None  # (d, V)
     batch, n_layers, hidden = h.shape
     chunk = max(1, chunk_elements // max(1, n_layers * unembed.shape[0]))
     x, saved = head.normalize_saving(h)
@@ -187,21 +193,26 @@ def _head_loss_and_grad(
     weight = prepared.weight.unsqueeze(1).expand(-1, n_layers, -1)  # (B, L, K)
     loss = h.new_empty(batch, n_layers, dtype=torch.float32)
     grad = h.new_empty(batch * n_layers, hidden, dtype=torch.float32) if need_grad else None
+
+    def buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+        """Memory for a large temporary: the scratch's, reused, for a large head; else None (a new tensor)."""
+        return scratch.take(name, shape, dtype, h.device) if large else None
+
     for start in range(0, batch, chunk):
         end = min(batch, start + chunk)
         n, whole = end - start, end - start == batch  # one chunk (the usual case): no slicing at all
         part = slice(start * n_layers, end * n_layers)
         chunk_rows = rows if whole else rows[part]
-        shape, device = (n * n_layers, unembed.shape[0]), h.device
+        shape = (n * n_layers, unembed.shape[0])
         logits = torch.mm(chunk_rows if dtype == chunk_rows.dtype else chunk_rows.to(dtype), unembed.t(),
-                          out=scratch.take("logits", shape, dtype, device))
+                          out=buffer("logits", shape, dtype))
         idx, w = (index, weight) if whole else (index[start:end], weight[start:end])  # (n, L, K)
         picked = logits.view(n, n_layers, -1).gather(2, idx).float()  # the targets' logits
         # Softmax in float32 by hand, in place: exp(x - max), its sum, and the loss as logsumexp - logit;
         # one pass fewer than log_softmax then softmax. bf16 logits are cast first: a subtraction that
         # promotes bf16 - fp32 as it goes ran 30x slower than the cast and an in-place subtraction.
         top = logits.amax(-1, keepdim=True).float()
-        probs = logits if dtype == torch.float32 else scratch.take("probs", shape, torch.float32, device).copy_(logits)
+        probs = logits if dtype == torch.float32 else _cast(logits, torch.float32, buffer("probs", shape, torch.float32))
         probs.sub_(top).exp_()
         total = probs.sum(-1, keepdim=True)
         lse = (top + total.log()).view(n, n_layers, 1)
@@ -209,11 +220,13 @@ def _head_loss_and_grad(
         if need_grad:
             dlogits = probs.div_(total).view(n, n_layers, -1)
             dlogits = dlogits.scatter_add_(2, idx, w.neg()).view(shape)  # softmax - targets
-            if dtype != torch.float32:
-                dlogits = scratch.take("logits", shape, dtype, device).copy_(dlogits)  # the logits are spent
-            # dlogits @ unembed, as (unembed^T @ dlogits^T)^T (see Head.unembed_as)
-            grad_t = torch.mm(unembed_t, dlogits.t(), out=scratch.take("grad_t", (hidden, shape[0]), dtype, device))
-            (grad if whole else grad[part]).copy_(grad_t.t())
+            if dtype != torch.float32:  # into the spent logits' memory where it is reused
+                dlogits = _cast(dlogits, dtype, buffer("logits", shape, dtype))
+            out = grad if whole else grad[part]
+            if unembed_t is None:
+                torch.mm(dlogits, unembed, out=out) if dtype == torch.float32 else out.copy_(dlogits @ unembed)
+            else:  # dlogits @ unembed, as (unembed^T @ dlogits^T)^T: see Head.unembed_as
+                out.copy_(torch.mm(unembed_t, dlogits.t(), out=buffer("grad_t", (hidden, shape[0]), dtype)).t())
     if need_grad:
         grad = grad.view(batch, n_layers, hidden)
         if prepared.has_target is not None:
@@ -222,6 +235,11 @@ def _head_loss_and_grad(
             grad.div_(batch * n_layers)
         grad = head.normalize_backward(h, grad, saved)
     return (loss.mean() if mean else loss), grad
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
+    """``tensor`` in ``dtype``: into ``out`` where given, else a new tensor."""
+    return tensor.to(dtype) if out is None else out.copy_(tensor)
 
 
 class _HeadLoss(torch.autograd.Function):

@@ -17,7 +17,8 @@ class Scratch:
     large blocks by ``mmap``), and faulting them in cost more than the work on them: measured on the
     2-core CPU, 23 ms to cast 32 x 128,256 bf16 logits into a new float32 tensor against 0.6 ms into
     a reused one. A ``TrainStep`` holds one ``Scratch`` for all its steps (``update.LensUpdate``'s
-    tiled mode one for its gradient blocks). A slot grows to the largest request; a caller never
+    tiled mode one for its gradient blocks); the loss uses it for large heads only
+    (``head.LARGE_HEAD_ELEMENTS``), where small new tensors cost less than the bookkeeping. A slot grows to the largest request; a caller never
     holds two live results from one slot.
     """
 
