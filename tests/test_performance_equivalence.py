@@ -427,13 +427,17 @@ def test_small_steps_train_on_one_thread_and_restore_the_setting():
     assert torch.get_num_threads() == before
 
 
-@pytest.mark.parametrize("mode", ["dense", "plain", "tiled"])
-def test_graph_stand_in_trains_as_the_eager_step(mode):
+@pytest.mark.parametrize(("mode", "large"), [("dense", False), ("plain", False), ("tiled", False), ("dense", True),
+                                             ("tiled", True)])
+def test_graph_stand_in_trains_as_the_eager_step(monkeypatch, mode, large):
     """Static buffers and replay (``graph="static"``, the CUDA graph's stand-in) train exactly as eager steps.
 
     The warm-up batches train as they are, full batches go through the static buffers, and the last
-    partial batch of each epoch still trains (run as it is).
+    partial batch of each epoch still trains (run as it is). ``large``: through the large-head path,
+    whose scratch memory the replayed step shares with the partial batch's eager one.
     """
+    if large:
+        monkeypatch.setattr(head_module, "LARGE_HEAD_ELEMENTS", 0)
     head = make_head()
     train_split, val_split = _split(23, 1), _split(12, 2)
     config = TrainConfig(batch_size=3 * L, epochs=2, patience=2, lr=1e-2)
