@@ -100,12 +100,12 @@ class Head(nn.Module):
         return cached[1]
 
 
-LOSS_CHUNK_ELEMENTS = 1 << 24
+LOSS_CHUNK_ELEMENTS = 1 << 24  # at most this many [rows, vocab] logits at once in ``head_loss_and_grad`` (64 MiB fp32)
 # From this many head elements (hidden x vocab) on, the loss keeps its temporaries in the step's
 # ``Scratch`` and runs the gradient product on the transposed unembedding. Below, fresh small tensors
 # and the direct product cost less: the default world's head (64 x 1,586) took 243 us a call that way
 # against 310-340 us through the scratch and the transposed product.
-LARGE_HEAD_ELEMENTS = 1 << 20  # at most this many [rows, vocab] logits at once in ``head_loss_and_grad`` (64 MiB fp32)
+LARGE_HEAD_ELEMENTS = 1 << 20
 
 
 @dataclass(frozen=True)

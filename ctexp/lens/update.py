@@ -102,8 +102,7 @@ class FusedAdamW:
         if self.fused:
             self.exp_avg = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]
             self.exp_avg_sq = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]
-            self.count = torch.zeros((), dtype=torch.float32, device=params[0].device)
-            self.counts = [self.count] * len(params)  # one step count shared by every tensor
+            self.count = torch.zeros((), dtype=torch.float32, device=params[0].device)  # shared by every tensor
         else:
             self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
